@@ -1,0 +1,207 @@
+// Shared device helpers of the gist attention kernels: tensor-core MMA
+// (mma.sync.m16n8k16, fp32 accumulate), ldmatrix, cp.async and the swizzled
+// shared-memory tile layout. Portable sm_80+ (no wgmma, no TMA).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "layout.h"
+
+namespace unigist {
+namespace cuda_detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- element type traits --------------------------------------------------
+template <typename T>
+struct TypeTraits;
+
+template <>
+struct TypeTraits<__nv_bfloat16> {
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct TypeTraits<__half> {
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t x) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---- shared memory: rows of D elements, 16-byte chunks XOR-swizzled -------
+// Element offset of chunk `c` (8 elements) of row `r`. ldmatrix reads 8 rows
+// at one logical chunk; the XOR with (r & 7) spreads them over all banks.
+template <int D>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte async copy global -> shared; zero-fills when !pred (src not read).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(n));
+}
+
+// 4-byte async copy; zero-fills when !pred.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+  const int n = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Loads ROWS rows of D elements into swizzled smem. row_ptr(r) returns the
+// global address of row r, or nullptr for a row to zero-fill. `any` is a
+// valid global address used for zero-filled rows.
+template <int ROWS, int D, int NTHREADS, typename T, typename RowPtr>
+__device__ __forceinline__ void load_rows(T* smem, const RowPtr& row_ptr, const T* any) {
+  constexpr int CPR = D / 8;
+  constexpr int TOTAL = ROWS * CPR;
+  static_assert(TOTAL % NTHREADS == 0, "tile must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < TOTAL / NTHREADS; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NTHREADS;
+    const int r = idx / CPR, c = idx % CPR;
+    const T* src = row_ptr(r);
+    cp_async16(smem + swz<D>(r, c), src != nullptr ? src + c * 8 : any, src != nullptr);
+  }
+}
+
+// ---- 32-bit layout math for the inner loops (values clamped on the host) --
+struct Layout32 {
+  int ratio, window, num_sink;
+  __device__ __forceinline__ bool is_gist(int p) const { return p % (ratio + 1) == ratio; }
+  __device__ __forceinline__ bool visible(int q, int k) const {
+    return k <= q && (k < num_sink || q - k < window || is_gist(k));
+  }
+  __device__ __forceinline__ int gist_position(int g) const { return g * (ratio + 1) + ratio; }
+  __device__ __forceinline__ int gists_before(int end) const {
+    return end <= 0 ? 0 : end / (ratio + 1);
+  }
+  __device__ __forceinline__ layout::GistLayout as64() const {
+    return layout::GistLayout{ratio, window, num_sink};
+  }
+};
+
+// Parameters shared by the forward and backward kernels. Tensors are
+// contiguous: q/out/dout [B, Hq, Nq, D], k/v [B, Hkv, Nk, D].
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  void* o;          // forward output
+  float* lse;       // [B, Hq, Nq]
+  const float* delta;  // backward: rowsum(dout * out) [B, Hq, Nq]
+  void* dq;         // backward
+  float* dk_acc;    // backward: per q-head fp32 [B, Hq, Nk, D]
+  float* dv_acc;
+  int B, Hq, Hkv, group, Nq, Nk;
+  int q_offset;
+  Layout32 l;
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e)
+};
+
+}  // namespace cuda_detail
+}  // namespace unigist
+
+// ---- host-side helpers shared by the entry points -------------------------
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <climits>
+
+namespace unigist {
+namespace cuda_detail {
+
+// CUDA-specific checks on top of checks.h's check_attention_inputs.
+inline void check_cuda_tensor(const char* where, const char* name, const at::Tensor& t,
+                              const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), where, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == q.device(), where, ": ", name, " is on ", t.device(), " but q is on ",
+              q.device());
+}
+
+inline void check_cuda_qkv(const char* where, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v) {
+  check_cuda_tensor(where, "q", q, q);
+  check_cuda_tensor(where, "k", k, q);
+  check_cuda_tensor(where, "v", v, q);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, where,
+              ": CUDA kernels take bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, where,
+              ": CUDA kernels take head_dim 64 or 128, got ", q.size(3));
+  TORCH_CHECK(k.size(2) <= (int64_t{1} << 30), where, ": at most 2^30 keys, got ", k.size(2));
+  TORCH_CHECK(q.size(0) * q.size(1) <= INT_MAX, where, ": batch * heads too large");
+  TORCH_CHECK((q.size(2) + 63) / 64 <= 65535 && (k.size(2) + 63) / 64 <= 65535, where,
+              ": sequence too long for the launch grid (at most 65535 tiles of 64)");
+}
+
+// Layout values clamped so that 32-bit arithmetic is exact and the visible
+// set over keys [0, nk) is unchanged.
+inline Layout32 clamp_layout(int64_t ratio, int64_t window, int64_t num_sink, int64_t nk) {
+  const int64_t cap = nk + 1;
+  Layout32 l;
+  l.ratio = static_cast<int>(ratio < cap ? ratio : cap);
+  l.window = static_cast<int>(window < cap ? window : cap);
+  l.num_sink = static_cast<int>(num_sink < cap ? num_sink : cap);
+  return l;
+}
+
+}  // namespace cuda_detail
+}  // namespace unigist

@@ -1,0 +1,51 @@
+// Kernel entry points. ops.cpp registers them under TORCH_LIBRARY(unigist);
+// csrc/cpu/ and csrc/cuda/ define them. Shapes: q [B, Hq, Nq, D],
+// k/v [B, Hkv, Nk, D], Hq % Hkv == 0; query row t sits at interleaved position
+// q_offset + t, key row j at position j.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace unigist {
+
+// out [B, Hq, Nq, D] (dtype of q), lse [B, Hq, Nq] float32 (natural log).
+std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset);
+
+// dq, dk, dv with the dtypes and shapes of q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset);
+
+// In-place KV eviction. key/value [B, H, C, D], positions int64 [C]; rows
+// [0, length) are valid. Keeps, in order, the rows whose position a query at
+// position >= next_query can still see, moves them to the front and returns
+// how many were kept. Rows past the returned length are left unspecified.
+int64_t evict_kv_cpu(at::Tensor& key, at::Tensor& value, at::Tensor& positions,
+                     int64_t length, int64_t ratio, int64_t window,
+                     int64_t num_sink, int64_t next_query);
+
+#ifdef UNIGIST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset);
+
+int64_t evict_kv_cuda(at::Tensor& key, at::Tensor& value, at::Tensor& positions,
+                      int64_t length, int64_t ratio, int64_t window,
+                      int64_t num_sink, int64_t next_query);
+#endif
+
+}  // namespace unigist

@@ -1,0 +1,85 @@
+"""Build the unigist extension.
+
+CPU kernels are always built. CUDA kernels are built when a CUDA build of
+torch and nvcc are both present (set UNIGIST_CPU_ONLY=1 to skip them). The
+CUDA arch list defaults to "8.0;9.0a" and follows TORCH_CUDA_ARCH_LIST when
+that is set. MAX_JOBS caps ninja's parallelism, as in every torch extension.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+# torch derives CUDA_HOME from `which nvcc`; a wrapper script outside the
+# toolkit (e.g. /usr/local/bin/nvcc) then points it at the wrong prefix.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    nvcc = shutil.which("nvcc")
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            break
+    else:
+        if nvcc:
+            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("UNIGIST_CPU_ONLY", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc")
+    )
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def extensions():
+    cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        nvcc_flags = [
+            "-O3",
+            "--use_fast_math",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "-DUNIGIST_WITH_CUDA",
+        ]
+        return [
+            CUDAExtension(
+                "unigist._C",
+                cpu_sources + cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags + ["-DUNIGIST_WITH_CUDA"], "nvcc": nvcc_flags},
+            )
+        ]
+    return [
+        CppExtension(
+            "unigist._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,171 @@
+"""Layout of the interleaved sequence: where gists sit, how to insert them, and
+the gist-shift permutation. Mirrors ``csrc/layout.h`` (tests check both agree).
+
+Position ``p`` of the interleaved sequence is a gist iff ``p % (ratio + 1) == ratio``:
+after every ``ratio`` raw tokens one gist token follows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .config import GistConfig
+
+__all__ = [
+    "is_gist",
+    "num_gists",
+    "interleaved_length",
+    "raw_positions",
+    "insert_gists",
+    "remove_gists",
+    "gist_shift_permutation",
+    "TileVisit",
+    "tile_visit",
+    "row_nnz",
+    "mask_nnz",
+    "keep_for_future",
+]
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def _ratio(config_or_ratio: Union[GistConfig, int]) -> int:
+    if isinstance(config_or_ratio, GistConfig):
+        return config_or_ratio.ratio
+    if isinstance(config_or_ratio, bool) or not isinstance(config_or_ratio, int) or config_or_ratio < 1:
+        raise ValueError(f"ratio must be an int >= 1, got {config_or_ratio!r}")
+    return config_or_ratio
+
+
+def is_gist(position: IntOrTensor, ratio: Union[GistConfig, int]) -> IntOrTensor:
+    """Whether each interleaved position holds a gist (bool or bool tensor)."""
+    r = _ratio(ratio)
+    return position % (r + 1) == r
+
+
+def num_gists(length: int, ratio: Union[GistConfig, int]) -> int:
+    """Number of gist positions among the interleaved positions ``[0, length)``."""
+    return max(length, 0) // (_ratio(ratio) + 1)
+
+
+def interleaved_length(num_raw: int, ratio: Union[GistConfig, int]) -> int:
+    """Interleaved length of ``num_raw`` raw tokens (a gist closes every full group)."""
+    return num_raw + num_raw // _ratio(ratio)
+
+
+def raw_positions(num_raw: int, ratio: Union[GistConfig, int], device=None) -> torch.Tensor:
+    """Interleaved position of each raw token ``0..num_raw-1``."""
+    r = _ratio(ratio)
+    idx = torch.arange(num_raw, device=device)
+    return idx + idx // r
+
+
+def insert_gists(
+    input_ids: torch.Tensor,
+    config: GistConfig,
+    gist_token_id: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+) -> dict:
+    """Interleave gist tokens into a batch of token ids.
+
+    Args:
+        input_ids: ``[L]`` or ``[B, L]`` integer token ids (no gists yet).
+        config: the layout; ``config.gist_token_id`` is used unless
+            ``gist_token_id`` is given.
+        labels: optional labels aligned with ``input_ids`` (default: a copy of
+            ``input_ids``). Gist positions get ``-100`` so no loss is taken on them.
+
+    Returns:
+        dict with ``input_ids``, ``labels`` and ``position_ids`` (``0..N-1``), each
+        of shape ``[..., N]`` with ``N = L + L // ratio``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("input_ids must be an integer tensor")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be [L] or [B, L], got shape {tuple(input_ids.shape)}")
+    gist_id = config.gist_token_id if gist_token_id is None else gist_token_id
+    if gist_id is None:
+        raise ValueError("no gist token id: pass gist_token_id or set config.gist_token_id (unigist.patch_model does)")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
+    num_raw = input_ids.shape[-1]
+    n = interleaved_length(num_raw, config)
+    pos = raw_positions(num_raw, config, device=input_ids.device)
+    out_ids = input_ids.new_full((*input_ids.shape[:-1], n), gist_id)
+    out_ids[..., pos] = input_ids
+    src_labels = input_ids if labels is None else labels
+    out_labels = src_labels.new_full((*input_ids.shape[:-1], n), -100)
+    out_labels[..., pos] = src_labels
+    position_ids = torch.arange(n, device=input_ids.device).expand(*input_ids.shape[:-1], n)
+    return {"input_ids": out_ids, "labels": out_labels, "position_ids": position_ids.contiguous()}
+
+
+def remove_gists(x: torch.Tensor, config: Union[GistConfig, int], dim: int = -1) -> torch.Tensor:
+    """Drop the gist positions of ``x`` along ``dim`` (the inverse of :func:`insert_gists`)."""
+    n = x.shape[dim]
+    keep = ~is_gist(torch.arange(n, device=x.device), config)
+    return x.index_select(dim, keep.nonzero().flatten())
+
+
+def gist_shift_permutation(n: int, tile: int, config: Union[GistConfig, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gist shift: inside each tile of ``tile`` positions, raw tokens keep
+    their order and move left, gists move to the tile's right end.
+
+    Returns ``(perm, inverse)`` with ``shifted = x[perm]`` and ``x = shifted[inverse]``.
+    """
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    r = _ratio(config)
+    pos = torch.arange(n)
+    gist = is_gist(pos, r)
+    tile_id = pos // tile
+    # Sort key: tile first, then raws before gists, then original order.
+    key = tile_id * 2 * (n + 1) + gist.long() * (n + 1) + pos
+    perm = torch.argsort(key)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n)
+    return perm, inverse
+
+
+class TileVisit(NamedTuple):
+    """Keys a tile of queries visits; see ``layout::tile_visit`` in csrc/layout.h."""
+
+    sink_end: int
+    gist_begin: int
+    gist_end: int
+    local_lo: int
+    local_hi: int
+
+
+def tile_visit(q_lo: int, q_hi: int, num_keys: int, config: GistConfig) -> TileVisit:
+    """Dense keys ``[0, sink_end)`` and ``[local_lo, local_hi)`` (masked element-wise)
+    plus gist indices ``[gist_begin, gist_end)`` (seen by every query of the tile)."""
+    key_end = min(q_hi + 1, num_keys)
+    sink_end = min(config.num_sink, key_end)
+    local_lo = min(max(sink_end, q_lo - config.window + 1), key_end)
+    gist_begin = num_gists(sink_end, config)
+    gist_end = max(gist_begin, num_gists(local_lo, config))
+    return TileVisit(sink_end, gist_begin, gist_end, local_lo, key_end)
+
+
+def row_nnz(q: int, num_keys: int, config: GistConfig) -> int:
+    """Visible keys of the query at position ``q`` among keys ``[0, num_keys)``."""
+    key_end = min(q + 1, num_keys)
+    if key_end <= 0:
+        return 0
+    sink_end = min(config.num_sink, key_end)
+    local_lo = max(sink_end, q - config.window + 1)
+    far = num_gists(local_lo, config) - num_gists(sink_end, config)
+    return sink_end + far + max(0, key_end - local_lo)
+
+
+def mask_nnz(q_len: int, k_len: int, config: GistConfig, q_offset: int = 0) -> int:
+    """Non-zeros of the mask for queries ``q_offset..q_offset+q_len-1`` over ``k_len`` keys."""
+    return sum(row_nnz(q_offset + t, k_len, config) for t in range(q_len))
+
+
+def keep_for_future(positions: torch.Tensor, next_query: int, config: GistConfig) -> torch.Tensor:
+    """Which cached positions a query at position ``>= next_query`` can still see."""
+    return (positions < config.num_sink) | is_gist(positions, config) | (next_query - positions < config.window)
