@@ -43,6 +43,23 @@ def _want_cuda() -> bool:
     )
 
 
+def _cuda_header_dirs() -> list:
+    """Headers the toolkit may lack (e.g. cusparse.h, which ATen/cuda includes)
+    but that torch's CUDA wheels ship under site-packages/nvidia/*/include."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")):
+                found.append(inc)
+    return found
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
@@ -65,7 +82,7 @@ def extensions():
             CUDAExtension(
                 "unigist._C",
                 cpu_sources + cuda_sources,
-                include_dirs=include_dirs,
+                include_dirs=include_dirs + _cuda_header_dirs(),
                 extra_compile_args={"cxx": cxx_flags + ["-DUNIGIST_WITH_CUDA"], "nvcc": nvcc_flags},
             )
         ]
