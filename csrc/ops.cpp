@@ -15,6 +15,20 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+
+// evict_kv returns a SymInt so torch.compile can trace it with a data-dependent
+// size; the kernels compute a plain count.
+using EvictFn = int64_t (*)(at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                            int64_t);
+template <EvictFn fn>
+c10::SymInt evict_kv_sym(at::Tensor& key, at::Tensor& value, at::Tensor& positions, int64_t length,
+                         int64_t ratio, int64_t window, int64_t num_sink, int64_t next_query) {
+  return c10::SymInt(fn(key, value, positions, length, ratio, window, num_sink, next_query));
+}
+
+}  // namespace
+
 TORCH_LIBRARY(unigist, m) {
   m.def(
       "gist_attention_fwd(Tensor q, Tensor k, Tensor v, int ratio, int window, "
@@ -25,19 +39,19 @@ TORCH_LIBRARY(unigist, m) {
       "int q_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "evict_kv(Tensor(a!) key, Tensor(b!) value, Tensor(c!) positions, int length, "
-      "int ratio, int window, int num_sink, int next_query) -> int");
+      "int ratio, int window, int num_sink, int next_query) -> SymInt");
 }
 
 TORCH_LIBRARY_IMPL(unigist, CPU, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cpu);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cpu);
-  m.impl("evict_kv", &unigist::evict_kv_cpu);
+  m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cpu>);
 }
 
 #ifdef UNIGIST_WITH_CUDA
 TORCH_LIBRARY_IMPL(unigist, CUDA, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cuda);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cuda);
-  m.impl("evict_kv", &unigist::evict_kv_cuda);
+  m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cuda>);
 }
 #endif

@@ -6,9 +6,27 @@ entries are really removed from the cache.
 """
 
 from . import layout, reference
+from .cache import GistCache
 from .config import GistConfig
-from .ops import gist_attention, has_cuda_kernels
+from .data import GistCollator
+from .generate import GenerationResult, generate  # the function shadows the module of the same name
+from .hf import patch_model, unpatch_model
+from .ops import evict_kv, gist_attention, has_cuda_kernels
 
 __version__ = "0.1.0"
 
-__all__ = ["GistConfig", "gist_attention", "has_cuda_kernels", "layout", "reference", "__version__"]
+__all__ = [
+    "GistConfig",
+    "gist_attention",
+    "evict_kv",
+    "has_cuda_kernels",
+    "patch_model",
+    "unpatch_model",
+    "GistCollator",
+    "GistCache",
+    "generate",
+    "GenerationResult",
+    "layout",
+    "reference",
+    "__version__",
+]

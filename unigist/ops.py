@@ -12,7 +12,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library and registers torch.ops.unigist)
 from .config import GistConfig
 
-__all__ = ["gist_attention", "has_cuda_kernels", "check_attention_inputs"]
+__all__ = ["gist_attention", "evict_kv", "has_cuda_kernels", "check_attention_inputs"]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -126,3 +126,39 @@ def _fwd_backward(ctx, dout, _dlse):
 
 
 torch.library.register_autograd("unigist::gist_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+def evict_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    length: int,
+    next_query: int,
+    config: GistConfig,
+) -> int:
+    """Evict, in place, the cached rows that no query at position ``>= next_query`` can see.
+
+    Args:
+        key, value: ``[B, H, C, D]`` cache buffers of capacity ``C``; rows ``[0, length)`` are valid.
+        positions: int64 ``[C]`` interleaved position of every row (same device as ``key``).
+        length: number of valid rows.
+        next_query: position of the next query that will read the cache.
+        config: the gist layout (ratio, window, num_sink).
+
+    Returns:
+        The number of kept rows ``n``: rows ``[0, n)`` of ``key``, ``value`` and ``positions``
+        now hold the kept rows in their original order; rows past ``n`` are unspecified.
+    """
+    if not isinstance(config, GistConfig):
+        raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
+    for name, t in (("key", key), ("value", value), ("positions", positions)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return torch.ops.unigist.evict_kv(
+        key, value, positions, int(length), config.ratio, config.window, config.num_sink, int(next_query)
+    )
+
+
+@torch.library.register_fake("unigist::evict_kv")
+def _evict_kv_fake(key, value, positions, length, ratio, window, num_sink, next_query):
+    return torch.library.get_ctx().new_dynamic_size()

@@ -127,6 +127,11 @@ struct Layout32 {
   __device__ __forceinline__ bool visible(int q, int k) const {
     return k <= q && (k < num_sink || q - k < window || is_gist(k));
   }
+  // Mirrors layout::in_dense_part.
+  __device__ __forceinline__ bool in_dense_part(int q, int k, int q_lo) const {
+    const int local_lo = max(num_sink, q_lo - window + 1);
+    return visible(q, k) && (k < num_sink || k >= local_lo);
+  }
   __device__ __forceinline__ int gist_position(int g) const { return g * (ratio + 1) + ratio; }
   __device__ __forceinline__ int gists_before(int end) const {
     return end <= 0 ? 0 : end / (ratio + 1);
@@ -152,10 +157,28 @@ struct AttnParams {
   float* dv_acc;
   int B, Hq, Hkv, group, Nq, Nk;
   int q_offset;
+  int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
   Layout32 l;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
 };
+
+// Launch grid for `blocks` CTAs per (batch, head); blockIdx -> (block, bh).
+inline dim3 grid_of(const AttnParams& p, int64_t blocks) {
+  return p.head_fast ? dim3(p.B * p.Hq, static_cast<unsigned>(blocks))
+                     : dim3(static_cast<unsigned>(blocks), p.B * p.Hq);
+}
+__device__ __forceinline__ void block_coords(const AttnParams& p, int& blk, int& bh, int& nblk) {
+  if (p.head_fast) {
+    bh = blockIdx.x;
+    blk = blockIdx.y;
+    nblk = gridDim.y;
+  } else {
+    bh = blockIdx.y;
+    blk = blockIdx.x;
+    nblk = gridDim.x;
+  }
+}
 
 }  // namespace cuda_detail
 }  // namespace unigist
@@ -165,6 +188,7 @@ struct AttnParams {
 #include <c10/cuda/CUDAException.h>
 
 #include <climits>
+#include <cstdint>
 
 namespace unigist {
 namespace cuda_detail {
@@ -188,16 +212,28 @@ inline void check_cuda_qkv(const char* where, const at::Tensor& q, const at::Ten
               ": CUDA kernels take head_dim 64 or 128, got ", q.size(3));
   TORCH_CHECK(k.size(2) <= (int64_t{1} << 30), where, ": at most 2^30 keys, got ", k.size(2));
   TORCH_CHECK(q.size(0) * q.size(1) <= INT_MAX, where, ": batch * heads too large");
-  TORCH_CHECK((q.size(2) + 63) / 64 <= 65535 && (k.size(2) + 63) / 64 <= 65535, where,
-              ": sequence too long for the launch grid (at most 65535 tiles of 64)");
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, where,
+              ": batch * query heads must be at most 65535 (launch grid), got ",
+              q.size(0) * q.size(1));
+}
+
+// Contiguous and 16-byte aligned (cp.async moves 16-byte chunks): a
+// contiguous view whose storage offset is not a multiple of 8 elements is
+// copied.
+inline at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
 // set over keys [0, nk) is unchanged.
 inline Layout32 clamp_layout(int64_t ratio, int64_t window, int64_t num_sink, int64_t nk) {
-  const int64_t cap = nk + 1;
+  // ratio > nk: no position below nk is a gist either way; window >= nk: every
+  // causal pair is inside it either way; num_sink >= nk: every key is a sink.
+  const int64_t cap = nk > 1 ? nk : 1;
   Layout32 l;
-  l.ratio = static_cast<int>(ratio < cap ? ratio : cap);
+  l.ratio = static_cast<int>(ratio < cap + 1 ? ratio : cap + 1);
   l.window = static_cast<int>(window < cap ? window : cap);
   l.num_sink = static_cast<int>(num_sink < cap ? num_sink : cap);
   return l;

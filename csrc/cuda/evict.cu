@@ -182,3 +182,11 @@ int64_t evict_kv_cuda(at::Tensor& key, at::Tensor& value, at::Tensor& positions,
 }
 
 }  // namespace unigist
+
+#ifdef UNIGIST_EVICT_SELF_REGISTER
+// Only for builds that compile ops.cpp without the CUDA attention kernels
+// (benchmarks/bench_generate.py --fallback-build): register the CUDA eviction
+// op here. The regular build registers it in ops.cpp.
+#include <torch/library.h>
+TORCH_LIBRARY_IMPL(unigist, CUDA, m) { m.impl("evict_kv", &unigist::evict_kv_cuda); }
+#endif

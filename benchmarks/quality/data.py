@@ -1,0 +1,269 @@
+"""Synthetic, download-free data for the quality benchmark.
+
+A tokenizer-free integer vocabulary:
+
+* specials ``PAD BOS DOT ENT KEY VAL ASK ANS NEEDLE``;
+* 10 digit tokens (passkeys);
+* ``num_symbols`` symbol tokens (entity names, keys, values, needle names);
+* the rest are *words* of a fixed random "language": a first-order Markov chain
+  whose successor table is drawn once from ``GRAMMAR_SEED`` (so every model and
+  every evaluation sees the same language).
+
+Three kinds of sequences:
+
+* **text**: sentences of the Markov language, with *entity mentions*
+  ``ENT s1 s2 s3``: each document has a few entities; after an entity's first
+  mention its 2nd and 3rd symbols are predictable only by recalling the earlier
+  mention (long-range signal for perplexity).
+* **kv** (key-value retrieval): pairs ``KEY k v1 v2 DOT`` (one every ~11
+  tokens) between short sentences; a query ``ASK k`` is answered ``v1 v2``.
+* **passkey** (multi-needle passkey): text with needles ``NEEDLE n d d d d d DOT``;
+  ``ASK n`` is answered with the five digits of needle ``n``.
+
+Keys and needle names are single symbols, distinct within a sequence, and the
+answer directly follows the queried symbol, as after its first occurrence: the
+retrieval is the classic induction / associative-recall pattern.
+
+Training sequences carry queries all along (dense recall supervision);
+evaluation samples are a context of exactly ``length`` raw tokens that ends with
+a query about a pair / needle never asked before, plus the answer tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+PAD, BOS, DOT, ENT, KEY, VAL, ASK, ANS, NEEDLE = range(9)
+DIGIT0 = 16
+SYMBOL0 = 32
+GRAMMAR_SEED = 1234
+TASKS = ("kv", "passkey")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token ranges of the integer vocabulary."""
+
+    size: int = 2048
+    num_symbols: int = 768
+
+    def __post_init__(self):
+        if self.size - SYMBOL0 - self.num_symbols < 64:
+            raise ValueError(f"vocab {self.size} too small for {self.num_symbols} symbols and >= 64 words")
+
+    @property
+    def word0(self) -> int:
+        return SYMBOL0 + self.num_symbols
+
+    @property
+    def num_words(self) -> int:
+        return self.size - self.word0
+
+
+@dataclass
+class EvalSample:
+    task: str
+    prompt: List[int]  # exactly `length` raw tokens, ending with the query (... ASK x)
+    answer: List[int]  # tokens the model must produce greedily
+    distance: int  # raw tokens between the start of the target pair/needle and the end of the prompt
+
+
+class Language:
+    """The fixed Markov "language" plus the task builders, all driven by one ``np.random.Generator``."""
+
+    def __init__(self, vocab: Vocab = Vocab(), successors: int = 6):
+        self.vocab = vocab
+        g = np.random.default_rng(GRAMMAR_SEED)
+        nw = vocab.num_words
+        self.succ = [list(map(int, row)) for row in g.integers(0, nw, size=(nw, successors))]
+        zipf = 1.0 / np.arange(1, successors + 1) ** 1.2
+        self.succ_p = zipf / zipf.sum()
+        uni = 1.0 / np.arange(1, nw + 1) ** 1.0
+        self.uni_p = uni / uni.sum()
+
+    # ------------------------------------------------------------------ pieces
+    def sentence(self, rng: np.random.Generator, n: Optional[int] = None, dot: bool = True) -> List[int]:
+        """One sentence of the Markov language (``n`` words, then DOT)."""
+        n = int(rng.integers(5, 15)) if n is None else n
+        if n <= 0:
+            return []
+        choices = rng.choice(len(self.succ_p), size=n, p=self.succ_p).tolist()
+        w = int(rng.choice(self.vocab.num_words, p=self.uni_p))
+        out = [w]
+        for c in choices[1:]:
+            w = self.succ[w][c]
+            out.append(w)
+        w0 = self.vocab.word0
+        toks = [w0 + x for x in out]
+        return toks + [DOT] if dot else toks
+
+    def symbols(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+        """``n`` distinct tuples of ``k`` symbols; their first symbols are distinct too when ``n <= num_symbols``."""
+        ns = self.vocab.num_symbols
+        if n <= ns:
+            first = rng.permutation(ns)[:n]
+            rest = rng.integers(0, ns, size=(n, k - 1))
+            return SYMBOL0 + np.concatenate([first[:, None], rest], axis=1)
+        if n > ns**k:
+            raise ValueError(f"cannot draw {n} distinct {k}-tuples of {ns} symbols")
+        codes = rng.choice(ns**k, size=n, replace=False)
+        digits = [(codes // ns**i) % ns for i in reversed(range(k))]
+        return SYMBOL0 + np.stack(digits, axis=1)
+
+    # -------------------------------------------------------------------- text
+    def _text_segments(self, rng, entities: np.ndarray, p_entity: float = 0.2):
+        """Infinite stream of text segments (sentences and entity mentions)."""
+        while True:
+            if len(entities) and rng.random() < p_entity:
+                e = entities[int(rng.integers(0, len(entities)))]
+                yield [ENT, *map(int, e)]
+            else:
+                yield self.sentence(rng)
+
+    def text(self, rng: np.random.Generator, length: int) -> List[int]:
+        """A text document of exactly ``length`` tokens (starts with BOS)."""
+        entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
+        out = [BOS]
+        for seg in self._text_segments(rng, entities):
+            out.extend(seg)
+            if len(out) >= length:
+                return out[:length]
+        raise AssertionError  # pragma: no cover
+
+    # ---------------------------------------------------------------- training
+    def kv_train(self, rng: np.random.Generator, length: int, p_query: float = 0.4, p_pair: float = 0.45) -> List[int]:
+        """KV document with queries all along (training; denser in pairs and queries than evaluation)."""
+        n_pairs = min(length // 8 + 8, self.vocab.num_symbols)
+        keys = self.symbols(rng, n_pairs, 1)[:, 0]
+        vals = SYMBOL0 + rng.integers(0, self.vocab.num_symbols, size=(n_pairs, 2))
+        out, shown = [BOS], 0
+        while len(out) < length:
+            u = rng.random()
+            if shown and u < p_query:
+                j = int(rng.integers(0, shown))
+                out += [ASK, int(keys[j]), *map(int, vals[j]), DOT]
+            elif u < p_query + p_pair and shown < n_pairs:
+                out += [KEY, int(keys[shown]), *map(int, vals[shown]), DOT]
+                shown += 1
+            else:
+                out += self.sentence(rng, int(rng.integers(2, 9)))
+        return out[:length]
+
+    def passkey_train(self, rng: np.random.Generator, length: int, p_needle: float = 0.12,
+                      p_query: float = 0.15) -> List[int]:
+        """Text with needles and passkey queries all along (training)."""
+        entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
+        n_needles = max(4, length // 64)
+        names = self.symbols(rng, n_needles, 1)[:, 0]
+        keys = DIGIT0 + rng.integers(0, 10, size=(n_needles, 5))
+        out, shown = [BOS], 0
+        segs = self._text_segments(rng, entities)
+        while len(out) < length:
+            u = rng.random()
+            if shown and u < p_query:
+                j = int(rng.integers(0, shown))
+                out += [ASK, int(names[j]), *map(int, keys[j]), DOT]
+            elif u < p_query + p_needle and shown < n_needles:
+                out += [NEEDLE, int(names[shown]), *map(int, keys[shown]), DOT]
+                shown += 1
+            else:
+                out += next(segs)
+        return out[:length]
+
+    def train_sequence(self, rng: np.random.Generator, length: int, mix=(1, 1, 1)) -> List[int]:
+        """One training sequence: text, kv or passkey, drawn with weights ``mix``."""
+        p = np.asarray(mix, dtype=float)
+        kind = int(rng.choice(3, p=p / p.sum()))
+        if kind == 0:
+            return self.text(rng, length)
+        if kind == 1:
+            return self.kv_train(rng, length)
+        return self.passkey_train(rng, length)
+
+    # -------------------------------------------------------------- evaluation
+    def kv_eval(self, rng: np.random.Generator, length: int, p_query: float = 0.25) -> EvalSample:
+        """A kv context of exactly ``length`` tokens ending in ``ASK k``; answer ``v1 v2``."""
+        n_pairs = min(length // 8 + 8, self.vocab.num_symbols)
+        keys = self.symbols(rng, n_pairs, 1)[:, 0]
+        vals = SYMBOL0 + rng.integers(0, self.vocab.num_symbols, size=(n_pairs, 2))
+        body_len = length - 2
+        out, shown, starts = [BOS], 0, []
+        while True:
+            u = rng.random()
+            if shown >= 2 and u < p_query:
+                # in-context queries ask odd-numbered pairs only: even ones stay fresh for the final query
+                j = 2 * int(rng.integers(0, shown // 2)) + 1
+                seg = [ASK, int(keys[j]), *map(int, vals[j]), DOT]
+            elif u < p_query + 0.45 and shown < n_pairs:
+                seg = [KEY, int(keys[shown]), *map(int, vals[shown]), DOT]
+            else:
+                seg = self.sentence(rng, int(rng.integers(2, 9)))
+            if len(out) + len(seg) > body_len:
+                out += self.sentence(rng, body_len - len(out), dot=False)
+                break
+            if seg[0] == KEY:
+                starts.append(len(out))
+                shown += 1
+            out += seg
+        t = 2 * int(rng.integers(0, (shown + 1) // 2))
+        prompt = out + [ASK, int(keys[t])]
+        return EvalSample("kv", prompt, list(map(int, vals[t])), length - starts[t])
+
+    def passkey_eval(self, rng: np.random.Generator, length: int, n_needles: int = 4) -> EvalSample:
+        """Text of exactly ``length`` tokens with ``n_needles`` needles at uniform depths, ending
+        in ``ASK n``; answer: the 5 digits of needle ``n``."""
+        entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
+        names = self.symbols(rng, n_needles, 1)[:, 0]
+        keys = DIGIT0 + rng.integers(0, 10, size=(n_needles, 5))
+        body_len = length - 2
+        depths = sorted(int(d) for d in rng.integers(1, max(2, body_len - 8), size=n_needles))
+        out, starts, k = [BOS], [], 0
+        segs = self._text_segments(rng, entities)
+        while True:
+            if k < n_needles and len(out) >= depths[k]:
+                seg = [NEEDLE, int(names[k]), *map(int, keys[k]), DOT]
+            else:
+                seg = next(segs)
+            if len(out) + len(seg) > body_len:
+                out += self.sentence(rng, body_len - len(out), dot=False)
+                break
+            if seg[0] == NEEDLE:
+                starts.append(len(out))
+                k += 1
+            out += seg
+        placed = len(starts)
+        if placed == 0:  # pathological tiny lengths: put one needle right after BOS
+            out = [BOS, NEEDLE, int(names[0]), *map(int, keys[0]), DOT] + out[1 : body_len - 7]
+            starts, placed = [1], 1
+        t = int(rng.integers(0, placed))
+        prompt = out + [ASK, int(names[t])]
+        return EvalSample("passkey", prompt, list(map(int, keys[t])), length - starts[t])
+
+    def eval_sample(self, task: str, rng: np.random.Generator, length: int) -> EvalSample:
+        if task == "kv":
+            return self.kv_eval(rng, length)
+        if task == "passkey":
+            return self.passkey_eval(rng, length)
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def eval_set(lang: Language, task: str, length: int, n: int, seed: int) -> List[EvalSample]:
+    """``n`` evaluation samples of one task and context length (deterministic in ``seed``)."""
+    rng = np.random.default_rng([seed, TASKS.index(task), length])
+    return [lang.eval_sample(task, rng, length) for _ in range(n)]
+
+
+def text_set(lang: Language, length: int, n: int, seed: int) -> List[List[int]]:
+    """``n`` held-out text documents of ``length`` tokens (perplexity)."""
+    rng = np.random.default_rng([seed, 99, length])
+    return [lang.text(rng, length) for _ in range(n)]
+
+
+def train_batches(lang: Language, batch: int, length: int, seed: int, mix=(1, 1, 1)) -> Iterator[np.ndarray]:
+    """Infinite stream of ``[batch, length]`` int64 training batches (raw tokens, no gists)."""
+    rng = np.random.default_rng([seed, 7])
+    while True:
+        yield np.asarray([lang.train_sequence(rng, length, mix) for _ in range(batch)], dtype=np.int64)

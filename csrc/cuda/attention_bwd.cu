@@ -1,0 +1,693 @@
+// Gist attention backward on CUDA, without atomics:
+//   1. delta = rowsum(dout * out)                          (small kernel)
+//   2. dQ: query-tile outer, the same three key ranges as the forward
+//      (sinks, packed gists, local window)                  -> dq
+//   3. dK/dV dense pass: key-block outer over aligned blocks of 64 keys; loops
+//      over the query tiles whose dense part (layout::in_dense_part) holds
+//      some of its pairs; writes fp32 per-query-head dK/dV for every key.
+//   4. dK/dV gist pass (same stream, after 3): blocks of 64 packed gists
+//      (gist g at position g*(ratio+1)+ratio); loops over the query tiles
+//      whose gist part holds them (q_lo >= position + window) and adds into
+//      the gist rows of the fp32 accumulators.
+//   5. sum the accumulators over each GQA group, convert to the input dtype.
+// Query tiles are the forward's: 64 rows, tile t starting at position
+// q_offset + 64 t, so each (query, key) pair is counted once, in the same
+// part (dense or gist) by the dQ and the dK/dV kernels.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "attention_common.cuh"
+#include "checks.h"
+#include "layout.h"
+#include "ops.h"
+
+namespace unigist {
+namespace cuda_detail {
+
+constexpr int kBwdThreads = 128;
+constexpr int kQTile = 64;  // query tile (must equal the partition used by both passes)
+constexpr int kKBlock = 64; // keys per block (4 warps x 16)
+
+// ---------------------------------------------------------------------------
+// 1. delta[row] = sum_d dout[row, d] * out[row, d]; one warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ out,
+                                                    const T* __restrict__ dout,
+                                                    float* __restrict__ delta, int64_t rows) {
+  using TT = TypeTraits<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const uint32_t* o = reinterpret_cast<const uint32_t*>(out + row * D);
+  const uint32_t* g = reinterpret_cast<const uint32_t*>(dout + row * D);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = lane; i < D / 2; i += 32) {
+    const float2 a = TT::unpack(o[i]), b = TT::unpack(g[i]);
+    acc += a.x * b.x + a.y * b.y;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[row] = acc;
+}
+
+// ---------------------------------------------------------------------------
+// 2. dQ kernel. Same key visit as the forward.
+struct KeyBlocksB {
+  int sink_end, gist_begin, gist_end, local_lo, local_hi;
+  int nA, nB, nC;
+  __device__ __forceinline__ void init(const layout::TileVisit& tv, int bn) {
+    sink_end = static_cast<int>(tv.sink_end);
+    gist_begin = static_cast<int>(tv.gist_begin);
+    gist_end = static_cast<int>(tv.gist_end);
+    local_lo = static_cast<int>(tv.local_lo);
+    local_hi = static_cast<int>(tv.local_hi);
+    nA = (sink_end + bn - 1) / bn;
+    nB = (gist_end - gist_begin + bn - 1) / bn;
+    nC = (local_hi - local_lo + bn - 1) / bn;
+  }
+  __device__ __forceinline__ int total() const { return nA + nB + nC; }
+  __device__ __forceinline__ void block(int it, int bn, int& kind, int& first, int& end) const {
+    if (it < nA) {
+      kind = 0;
+      first = it * bn;
+      end = sink_end;
+    } else if (it < nA + nB) {
+      kind = 1;
+      first = gist_begin + (it - nA) * bn;
+      end = gist_end;
+    } else {
+      kind = 2;
+      first = local_lo + (it - nA - nB) * bn;
+      end = local_hi;
+    }
+  }
+};
+
+__device__ __forceinline__ int key_pos_b(const Layout32& l, int kind, int first, int end, int s) {
+  const int x = first + s;
+  if (x >= end) return -1;
+  return kind == 1 ? l.gist_position(x) : x;
+}
+
+template <int D>
+constexpr int dq_smem_bytes() {
+  return (2 * kQTile * D + 4 * kKBlock * D) * 2;  // Q, dO + 2 stages of K and V
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const AttnParams p) {
+  using TT = TypeTraits<T>;
+  constexpr int BM = kQTile, BN = kKBlock;
+  constexpr int NT = BN / 8, DT = D / 8, KS = D / 16;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * D;
+  T* sK = sdO + BM * D;
+  T* sV = sK + 2 * BN * D;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int blk, bh, nblk;
+  block_coords(p, blk, bh, nblk);
+  const int tile = nblk - 1 - blk;
+  const int b = bh / p.Hq, h = bh % p.Hq;
+  const int m0 = tile * BM;
+  const Layout32 l = p.l;
+  const int64_t row_off = (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+  const T* qg = static_cast<const T*>(p.q) + row_off;
+  const T* dog = static_cast<const T*>(p.dout) + row_off;
+  const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
+  const T* kg = static_cast<const T*>(p.k) + kv_off;
+  const T* vg = static_cast<const T*>(p.v) + kv_off;
+
+  const int q_lo = p.q_offset + m0;
+  const int rows_here = min(BM, p.Nq - m0);
+  const int q_hi = q_lo + rows_here - 1;
+  KeyBlocksB kb;
+  kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
+  const int nblocks = kb.total();
+
+  auto qrow = [&](const T* base) {
+    return [=](int r) -> const T* {
+      return r < rows_here ? base + static_cast<int64_t>(r) * D : nullptr;
+    };
+  };
+  load_rows<BM, D, kBwdThreads>(sQ, qrow(qg), qg);
+  load_rows<BM, D, kBwdThreads>(sdO, qrow(dog), dog);
+  cp_async_commit();
+
+  auto load_kv = [&](int it, int stage) {
+    int kind, first, end;
+    kb.block(it, BN, kind, first, end);
+    load_rows<BN, D, kBwdThreads>(
+        sK + stage * BN * D,
+        [&](int r) -> const T* {
+          const int j = key_pos_b(l, kind, first, end, r);
+          return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
+        },
+        kg);
+    load_rows<BN, D, kBwdThreads>(
+        sV + stage * BN * D,
+        [&](int r) -> const T* {
+          const int j = key_pos_b(l, kind, first, end, r);
+          return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
+        },
+        vg);
+  };
+  if (nblocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int row0 = warp * 16 + (lane >> 2);
+  const int qpos[2] = {q_lo + row0, q_lo + row0 + 8};
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row0 + hr * 8;
+    const int64_t idx = static_cast<int64_t>(bh) * p.Nq + m0 + r;
+    const bool valid = r < rows_here;
+    lse2[hr] = valid ? p.lse[idx] * kLog2e : 0.f;
+    dlt[hr] = valid ? p.delta[idx] : 0.f;
+    // A row whose lse is -inf sees no key; keep exp2 finite (its P is masked).
+    if (!(lse2[hr] > -INFINITY)) lse2[hr] = 0.f;
+  }
+
+  float dq[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int it = 0; it < nblocks; ++it) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < nblocks) load_kv(it + 1, (it + 1) & 1);
+    cp_async_commit();
+    const T* cK = sK + (it & 1) * BN * D;
+    const T* cV = sV + (it & 1) * BN * D;
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t qa[4], da[4];
+      const int r = warp * 16 + (lane & 15), c = ks * 2 + (lane >> 4);
+      ldmatrix_x4(qa, smem_u32(sQ + swz<D>(r, c)));
+      ldmatrix_x4(da, smem_u32(sdO + swz<D>(r, c)));
+#pragma unroll
+      for (int jj = 0; jj < NT / 2; ++jj) {
+        uint32_t bk[4], bv[4];
+        const int key = jj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int cc = ks * 2 + ((lane >> 3) & 1);
+        ldmatrix_x4(bk, smem_u32(cK + swz<D>(key, cc)));
+        ldmatrix_x4(bv, smem_u32(cV + swz<D>(key, cc)));
+        TT::mma(s[2 * jj], qa, bk[0], bk[1]);
+        TT::mma(s[2 * jj + 1], qa, bk[2], bk[3]);
+        TT::mma(dp[2 * jj], da, bv[0], bv[1]);
+        TT::mma(dp[2 * jj + 1], da, bv[2], bv[3]);
+      }
+    }
+
+    int kind, first, end;
+    kb.block(it, BN, kind, first, end);
+    bool need_mask;
+    if (kind == 1) {
+      need_mask = first + BN > end;
+    } else {
+      const int last = first + BN - 1;
+      need_mask = last >= end || last > q_lo || (kind == 0 ? false : q_hi - first >= l.window);
+    }
+    need_mask = need_mask || rows_here < BM;
+
+    uint32_t dsf[NT / 2][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pr[e] = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
+      if (need_mask) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int kp = key_pos_b(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const bool ok = kp >= 0 && row0 + hr * 8 < rows_here &&
+                            (kind == 1 || l.visible(qpos[hr], kp));
+            if (!ok) pr[2 * hr + c] = 0.f;
+          }
+        }
+      }
+      float ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[e] = pr[e] * (dp[j][e] - dlt[e >> 1]);
+      dsf[j / 2][(j & 1) * 2 + 0] = TT::pack(ds[0], ds[1]);
+      dsf[j / 2][(j & 1) * 2 + 1] = TT::pack(ds[2], ds[3]);
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int dd = 0; dd < DT / 2; ++dd) {
+        uint32_t bf[4];
+        const int key = kk * 16 + (lane & 15);
+        const int c = dd * 2 + (lane >> 4);
+        ldmatrix_x4_trans(bf, smem_u32(cK + swz<D>(key, c)));
+        TT::mma(dq[2 * dd], dsf[kk], bf[0], bf[1]);
+        TT::mma(dq[2 * dd + 1], dsf[kk], bf[2], bf[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with sQ before it is reused below
+
+  // Epilogue through this warp's rows of sQ.
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    const int within = 2 * (lane & 3);
+    *reinterpret_cast<uint32_t*>(sQ + swz<D>(row0, i) + within) =
+        TT::pack(dq[i][0] * p.scale, dq[i][1] * p.scale);
+    *reinterpret_cast<uint32_t*>(sQ + swz<D>(row0 + 8, i) + within) =
+        TT::pack(dq[i][2] * p.scale, dq[i][3] * p.scale);
+  }
+  __syncwarp();
+  T* dqg = static_cast<T*>(p.dq) + row_off;
+#pragma unroll
+  for (int i = 0; i < 16 * DT / 32; ++i) {
+    const int idx = lane + i * 32;
+    const int r = warp * 16 + idx / DT, c = idx % DT;
+    if (r < rows_here) {
+      *reinterpret_cast<uint4*>(dqg + static_cast<int64_t>(r) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3./4. dK/dV kernel. gist_pass == 0: dense pass over aligned key blocks;
+// gist_pass == 1: packed gist blocks, accumulating into the gist rows.
+template <int D>
+constexpr int dkv_bq() {
+  return D == 128 ? 32 : 64;  // query rows per inner step (divides kQTile)
+}
+
+template <int D>
+constexpr int dkv_smem_bytes() {
+  return (2 * kKBlock * D + 2 * 2 * dkv_bq<D>() * D) * 2 + 2 * 2 * dkv_bq<D>() * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const AttnParams p,
+                                                                         const int gist_pass) {
+  using TT = TypeTraits<T>;
+  constexpr int BN = kKBlock;     // keys of the CTA
+  constexpr int BQ = dkv_bq<D>(); // queries per inner step
+  constexpr int NQ = BQ / 8;      // n-tiles of queries
+  constexpr int DT = D / 8, KS = D / 16;
+  static_assert(kQTile % BQ == 0, "inner query step must divide the query tile");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * D;
+  T* sQ = sV + BN * D;          // 2 stages
+  T* sdO = sQ + 2 * BQ * D;     // 2 stages
+  float* sL = reinterpret_cast<float*>(sdO + 2 * BQ * D);  // lse*log2e, 2 stages
+  float* sD = sL + 2 * BQ;                                 // delta, 2 stages
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int blk, bh, nblk;
+  block_coords(p, blk, bh, nblk);
+  const int b = bh / p.Hq, h = bh % p.Hq;
+  const Layout32 l = p.l;
+  const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
+  const T* kg = static_cast<const T*>(p.k) + kv_off;
+  const T* vg = static_cast<const T*>(p.v) + kv_off;
+  const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
+  const T* qg = static_cast<const T*>(p.q) + qrow0 * D;
+  const T* dog = static_cast<const T*>(p.dout) + qrow0 * D;
+
+  // Keys of this CTA: slot s -> position (or -1).
+  int first, end;  // dense: key positions; gist: gist indices
+  if (gist_pass) {
+    const int g0 = l.gists_before(min(l.num_sink, p.Nk));
+    first = g0 + blk * BN;
+    end = l.gists_before(p.Nk);
+  } else {
+    first = blk * BN;
+    end = p.Nk;
+  }
+  auto kpos = [&](int s) -> int {
+    const int x = first + s;
+    if (x >= end) return -1;
+    return gist_pass ? l.gist_position(x) : x;
+  };
+  const int n_valid = min(BN, end - first);
+  const int kp_first = kpos(0), kp_last = kpos(n_valid - 1);
+
+  // Query steps (of BQ rows) to visit: [st_begin, st_end).
+  const int n_steps = (p.Nq + BQ - 1) / BQ;
+  int st_begin, st_end;
+  if (gist_pass) {
+    // Tiles with q_lo >= kp_first + window hold some of these gists.
+    const int need = kp_first + l.window - p.q_offset;  // first tile row offset
+    const int t0 = need <= 0 ? 0 : (need + kQTile - 1) / kQTile;
+    st_begin = t0 * (kQTile / BQ);
+    st_end = n_steps;
+  } else {
+    const int rfirst = kp_first - p.q_offset;  // queries at positions >= the first key
+    st_begin = rfirst <= 0 ? 0 : (rfirst / kQTile) * (kQTile / BQ);
+    if (kp_first < l.num_sink) {
+      st_end = n_steps;
+    } else {
+      // Tiles with q_lo <= kp_last + window - 1.
+      const int lim = kp_last + l.window - 1 - p.q_offset;
+      st_end = lim < 0 ? 0 : min(n_steps, (lim / kQTile + 1) * (kQTile / BQ));
+    }
+  }
+
+  // Load K, V of the block once.
+  load_rows<BN, D, kBwdThreads>(
+      sK,
+      [&](int r) -> const T* {
+        const int j = kpos(r);
+        return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
+      },
+      kg);
+  load_rows<BN, D, kBwdThreads>(
+      sV,
+      [&](int r) -> const T* {
+        const int j = kpos(r);
+        return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
+      },
+      vg);
+  cp_async_commit();
+
+  auto load_q = [&](int st, int stage) {
+    const int t0 = st * BQ;
+    auto rowp = [&](const T* base) {
+      return [=](int r) -> const T* {
+        return t0 + r < p.Nq ? base + static_cast<int64_t>(t0 + r) * D : nullptr;
+      };
+    };
+    load_rows<BQ, D, kBwdThreads>(sQ + stage * BQ * D, rowp(qg), qg);
+    load_rows<BQ, D, kBwdThreads>(sdO + stage * BQ * D, rowp(dog), dog);
+    const int tid = threadIdx.x;
+    if (tid < BQ) {
+      const bool ok = t0 + tid < p.Nq;
+      cp_async4(sL + stage * BQ + tid, p.lse + qrow0 + (ok ? t0 + tid : 0), ok);
+    } else if (tid < 2 * BQ) {
+      const int r = tid - BQ;
+      const bool ok = t0 + r < p.Nq;
+      cp_async4(sD + stage * BQ + r, p.delta + qrow0 + (ok ? t0 + r : 0), ok);
+    }
+  };
+  if (st_begin < st_end) load_q(st_begin, 0);
+  cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+  const int krow0 = warp * 16 + (lane >> 2);
+  const int kp_row[2] = {kpos(krow0), kpos(krow0 + 8)};
+
+  for (int st = st_begin; st < st_end; ++st) {
+    const int stage = (st - st_begin) & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (st + 1 < st_end) load_q(st + 1, stage ^ 1);
+    cp_async_commit();
+    const T* cQ = sQ + stage * BQ * D;
+    const T* cdO = sdO + stage * BQ * D;
+    const float* cL = sL + stage * BQ;
+    const float* cD = sD + stage * BQ;
+    const int t0 = st * BQ;
+    const int q_lo = p.q_offset + (t0 / kQTile) * kQTile;  // start of the forward tile
+    const int qp0 = p.q_offset + t0;                       // first query position of the step
+    const int qp1 = qp0 + BQ - 1;
+
+    // S^T = K Q^T and dP^T = V dO^T (rows: keys, cols: queries).
+    float s[NQ][4], dp[NQ][4];
+#pragma unroll
+    for (int j = 0; j < NQ; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t ka[4], va[4];
+      const int r = warp * 16 + (lane & 15), c = ks * 2 + (lane >> 4);
+      ldmatrix_x4(ka, smem_u32(sK + swz<D>(r, c)));
+      ldmatrix_x4(va, smem_u32(sV + swz<D>(r, c)));
+#pragma unroll
+      for (int jj = 0; jj < NQ / 2; ++jj) {
+        uint32_t bq[4], bd[4];
+        const int qr = jj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int cc = ks * 2 + ((lane >> 3) & 1);
+        ldmatrix_x4(bq, smem_u32(cQ + swz<D>(qr, cc)));
+        ldmatrix_x4(bd, smem_u32(cdO + swz<D>(qr, cc)));
+        TT::mma(s[2 * jj], ka, bq[0], bq[1]);
+        TT::mma(s[2 * jj + 1], ka, bq[2], bq[3]);
+        TT::mma(dp[2 * jj], va, bd[0], bd[1]);
+        TT::mma(dp[2 * jj + 1], va, bd[2], bd[3]);
+      }
+    }
+
+    // Does every (query, key) pair of this step belong to this pass?
+    bool full;
+    if (gist_pass) {
+      full = n_valid == BN && q_lo >= kp_last + l.window && t0 + BQ <= p.Nq;
+    } else {
+      full = n_valid == BN && t0 + BQ <= p.Nq && kp_last <= qp0 &&
+             (kp_last < l.num_sink || (kp_first >= l.num_sink && qp1 - kp_first < l.window));
+    }
+
+    uint32_t pf[NQ / 2][4], dsf[NQ / 2][4];
+#pragma unroll
+    for (int j = 0; j < NQ; ++j) {
+      float pr[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * (lane & 3) + (e & 1);
+        pr[e] = exp2f(s[j][e] * p.scale_log2 - cL[col] * kLog2e);
+        if (!full) {
+          const int kp = kp_row[e >> 1];
+          const int qp = qp0 + col;
+          bool ok = kp >= 0 && t0 + col < p.Nq;
+          if (gist_pass) {
+            ok = ok && q_lo >= kp + l.window;
+          } else {
+            ok = ok && l.in_dense_part(qp, kp, q_lo);
+          }
+          if (!ok) pr[e] = 0.f;
+        }
+        ds[e] = pr[e] * (dp[j][e] - cD[col]);
+      }
+      pf[j / 2][(j & 1) * 2 + 0] = TT::pack(pr[0], pr[1]);
+      pf[j / 2][(j & 1) * 2 + 1] = TT::pack(pr[2], pr[3]);
+      dsf[j / 2][(j & 1) * 2 + 0] = TT::pack(ds[0], ds[1]);
+      dsf[j / 2][(j & 1) * 2 + 1] = TT::pack(ds[2], ds[3]);
+    }
+    // dV += P^T dO, dK += dS^T Q (k: queries).
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+#pragma unroll
+      for (int dd = 0; dd < DT / 2; ++dd) {
+        uint32_t bo[4], bq[4];
+        const int qr = kk * 16 + (lane & 15);
+        const int c = dd * 2 + (lane >> 4);
+        ldmatrix_x4_trans(bo, smem_u32(cdO + swz<D>(qr, c)));
+        ldmatrix_x4_trans(bq, smem_u32(cQ + swz<D>(qr, c)));
+        TT::mma(dv[2 * dd], pf[kk], bo[0], bo[1]);
+        TT::mma(dv[2 * dd + 1], pf[kk], bo[2], bo[3]);
+        TT::mma(dk[2 * dd], dsf[kk], bq[0], bq[1]);
+        TT::mma(dk[2 * dd + 1], dsf[kk], bq[2], bq[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: fp32 per-query-head accumulators (dense: write; gist: add).
+  float* dka = p.dk_acc + static_cast<int64_t>(bh) * p.Nk * D;
+  float* dva = p.dv_acc + static_cast<int64_t>(bh) * p.Nk * D;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int kp = kp_row[hr];
+    if (kp < 0) continue;
+    float* dkr = dka + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
+    float* dvr = dva + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
+      float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
+      float2* kd = reinterpret_cast<float2*>(dkr + i * 8);
+      float2* vd = reinterpret_cast<float2*>(dvr + i * 8);
+      if (gist_pass) {
+        const float2 k0 = *kd, v0 = *vd;
+        k2.x += k0.x;
+        k2.y += k0.y;
+        v2.x += v0.x;
+        v2.y += v0.y;
+      }
+      *kd = k2;
+      *vd = v2;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 5. dk[b, hkv, n, :] = sum over the group's query heads, in the input dtype.
+template <typename T>
+__global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restrict__ acc,
+                                                           T* __restrict__ outp, int64_t per_head,
+                                                           int group, int64_t total4) {
+  using TT = TypeTraits<T>;
+  const int64_t i4 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i4 >= total4) return;
+  const int64_t e = i4 * 4;
+  const int64_t head = e / per_head, off = e % per_head;  // head: b * Hkv + hkv
+  const float* src = acc + head * group * per_head + off;
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int g = 0; g < group; ++g) {
+    const float4 x = *reinterpret_cast<const float4*>(src + g * per_head);
+    s.x += x.x;
+    s.y += x.y;
+    s.z += x.z;
+    s.w += x.w;
+  }
+  uint2 r;
+  r.x = TT::pack(s.x, s.y);
+  r.y = TT::pack(s.z, s.w);
+  *reinterpret_cast<uint2*>(outp + e) = r;
+}
+
+template <typename T, int D>
+void launch_bwd(const AttnParams& p, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
+  // 1. delta
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
+  delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(p.out), static_cast<const T*>(p.dout), const_cast<float*>(p.delta), rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // 2. dQ
+  {
+    constexpr int smem = dq_smem_bytes<D>();
+    auto kernel = gist_attn_bwd_dq_kernel<T, D>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid = grid_of(p, (p.Nq + kQTile - 1) / kQTile);
+    kernel<<<grid, kBwdThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // 3./4. dK, dV
+  {
+    constexpr int smem = dkv_smem_bytes<D>();
+    auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const int dense_blocks = (p.Nk + kKBlock - 1) / kKBlock;
+    kernel<<<grid_of(p, dense_blocks), kBwdThreads, smem, stream>>>(p, 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t g0 = layout::gists_before(std::min<int64_t>(p.l.num_sink, p.Nk),
+                                            layout::GistLayout{p.l.ratio, p.l.window, p.l.num_sink});
+    const int64_t g1 = layout::gists_before(p.Nk, layout::GistLayout{p.l.ratio, p.l.window, p.l.num_sink});
+    const int64_t gist_blocks = (g1 - g0 + kKBlock - 1) / kKBlock;
+    if (gist_blocks > 0) {
+      kernel<<<grid_of(p, gist_blocks), kBwdThreads, smem, stream>>>(p, 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  // 5. group sums
+  const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
+  const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * per_head / 4;
+  const unsigned nb = static_cast<unsigned>((total4 + 255) / 256);
+  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dk_acc, static_cast<T*>(dk.data_ptr()), per_head,
+                                                 p.group, total4);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dv_acc, static_cast<T*>(dv.data_ptr()), per_head,
+                                                 p.group, total4);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda_detail
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink,
+    double softmax_scale, int64_t q_offset) {
+  using namespace cuda_detail;
+  const char* where = "unigist.gist_attention_bwd";
+  check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
+  check_cuda_qkv(where, q, k, v);
+  check_cuda_tensor(where, "dout", dout, q);
+  check_cuda_tensor(where, "out", out, q);
+  check_cuda_tensor(where, "lse", lse, q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), where,
+              ": dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), where,
+              ": dout and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, where, ": lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              where, ": lse must be [batch, q_heads, q_len] = [", q.size(0), ", ", q.size(1), ", ",
+              q.size(2), "], got ", lse.sizes());
+  TORCH_CHECK(std::isfinite(softmax_scale), where, ": softmax_scale must be finite");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
+  const at::Tensor oc = aligned_contiguous(out), doc = aligned_contiguous(dout), lc = lse.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  at::Tensor dq = at::empty_like(qc);
+  at::Tensor dk = at::empty_like(kc);
+  at::Tensor dv = at::empty_like(vc);
+  if (B == 0 || Hq == 0 || Nk == 0) return {dq, dk, dv};
+  if (Nq == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  at::Tensor dk_acc = at::empty({B, Hq, Nk, D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_acc = at::empty({B, Hq, Nk, D}, q.options().dtype(at::kFloat));
+
+  AttnParams p{};
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.out = oc.data_ptr();
+  p.dout = doc.data_ptr();
+  p.lse = lc.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk_acc = dk_acc.data_ptr<float>();
+  p.dv_acc = dv_acc.data_ptr<float>();
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.group = p.Hq / p.Hkv;
+  p.Nq = static_cast<int>(Nq);
+  p.Nk = static_cast<int>(Nk);
+  p.q_offset = static_cast<int>(q_offset);
+  p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
+  p.l = clamp_layout(ratio, window, num_sink, Nk);
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  if (D == 64) {
+    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, stream, dk, dv) : launch_bwd<__half, 64>(p, stream, dk, dv);
+  } else {
+    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, stream, dk, dv)
+         : launch_bwd<__half, 128>(p, stream, dk, dv);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace unigist

@@ -1,0 +1,76 @@
+"""Tiny random-init HF models and a local tokenizer for the HF-integration tests."""
+
+import copy
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import unigist
+from unigist.reference import gist_mask
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+VOCAB = 97
+
+
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, **overrides):
+    cfg_cls, model_cls = FAMILIES[family]
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    if family == "mistral":
+        kw["sliding_window"] = None
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).float().eval()
+    # Random-init LMs are nearly uniform; sharpen them so logits differ clearly.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def reference_copy(patched_model):
+    """The patched model's weights in a model running eager attention (no unigist)."""
+    ref = copy.deepcopy(patched_model)
+    unigist.hf.unpatch_model(ref)
+    ref.set_attn_implementation("eager")
+    return ref
+
+
+def dense_mask(n: int, config, batch: int = 1, dtype=torch.float32):
+    """4-D additive mask [B, 1, n, n] of the UniGist rule (the reference)."""
+    mask = gist_mask(n, n, config)
+    add = torch.zeros(n, n, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return add[None, None].expand(batch, 1, n, n)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat dog sat on mat ran far and then slept under tree sun was warm".split()
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )

@@ -1,0 +1,262 @@
+"""CUDA gist attention kernels (csrc/cuda/attention_*.cu) against the dense
+float64 reference. Every test needs a GPU and a CUDA build (see conftest.py)."""
+
+import math
+
+import pytest
+import torch
+
+import unigist
+from unigist import GistConfig, gist_attention
+from unigist.reference import gist_attention_reference
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16]
+# ||kernel - fp64 reference|| / ||reference|| bounds. bf16 has an 8-bit mantissa
+# (rounding 2^-9 = 2e-3 per element, P and dS are rounded to it too).
+FWD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+BWD_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+# (q_len, k_len, q_offset, ratio, window, num_sink): odd lengths, N shorter than
+# the window, sinks 0 / tile-aligned / not aligned, every ratio, query chunks.
+CASES = [
+    (1, 1, 0, 4, 16, 0),
+    (77, 77, 0, 1, 8, 3),
+    (77, 77, 0, 2, 1024, 0),  # N < window
+    (1000, 1000, 0, 4, 64, 5),
+    (1000, 1000, 0, 8, 200, 64),
+    (2053, 2053, 0, 4, 256, 128),
+    (2053, 2053, 0, 8, 100, 77),
+    (700, 700, 0, 1, 1, 0),  # window 1: gists + diagonal
+    (130, 1030, 900, 4, 128, 9),  # chunk of queries over a longer key sequence
+    (1, 1500, 1499, 2, 300, 40),  # a decode step
+    (100, 1200, 1000, 4, 64, 16),  # keys past the last query
+]
+
+
+def _case_id(c):
+    return "nq{}_nk{}_off{}_r{}_w{}_s{}".format(*c)
+
+
+def _inputs(b, hq, hkv, nq, nk, d, dtype, grad=False):
+    dev = "cuda"
+    q = torch.randn(b, hq, nq, d, device=dev, dtype=dtype, requires_grad=grad)
+    k = torch.randn(b, hkv, nk, d, device=dev, dtype=dtype, requires_grad=grad)
+    v = torch.randn(b, hkv, nk, d, device=dev, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _fwd_op(q, k, v, cfg, off, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+
+
+def _reference_grads(q, k, v, dout, cfg, off):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = gist_attention_reference(q64, k64, v64, cfg, q_offset=off, return_lse=True)
+    out.backward(dout.double())
+    return out.detach(), lse, q64.grad, k64.grad, v64.grad
+
+
+def _check_fwd(q, k, v, cfg, off, tol):
+    out, lse = _fwd_op(q, k, v, cfg, off)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref, ref_lse = gist_attention_reference(q, k, v, cfg, q_offset=off, return_lse=True)
+    err = rel_err(out, ref)
+    assert err < tol, err
+    lse_err = (lse.double() - ref_lse.double()).abs().max().item()
+    assert lse_err < 1e-3, lse_err
+    return out, lse
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
+def test_forward_matches_reference(seed, case, d, dtype, heads):
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    q, k, v = _inputs(2, heads[0], heads[1], nq, nk, d, dtype)
+    _check_fwd(q, k, v, cfg, off, FWD_TOL[dtype])
+
+
+# With a single visible key dq and dk are exactly zero, so a relative error is
+# meaningless there; test_backward_single_key covers that case.
+@pytest.mark.parametrize("case", CASES[1:], ids=_case_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
+def test_backward_matches_reference(seed, case, d, dtype, heads):
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    q, k, v = _inputs(1, heads[0], heads[1], nq, nk, d, dtype)
+    dout = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = _fwd_op(q, k, v, cfg, off)
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+        dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+    )
+    torch.cuda.synchronize()
+    _, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, off)
+    for name, got, ref, like in (("dq", dq, rq, q), ("dk", dk, rk, k), ("dv", dv, rv, v)):
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        assert torch.isfinite(got).all(), name
+        err = rel_err(got, ref)
+        assert err < BWD_TOL[dtype], (name, err)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_single_key(seed, d):
+    """One query over one key: P = 1, so dv = dout and dq = dk = 0 up to the rounding of out."""
+    cfg = GistConfig(ratio=4, window=16, num_sink=0)
+    q, k, v = _inputs(2, 4, 2, 1, 1, d, torch.bfloat16)
+    dout = torch.randn_like(q)
+    out, lse = _fwd_op(q, k, v, cfg, 0)
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+        dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, 1 / math.sqrt(d), 0
+    )
+    assert rel_err(out, v.repeat_interleave(2, dim=1)) < 1e-2
+    assert rel_err(dv, dout.float().view(2, 2, 2, 1, d).sum(2)) < 1e-2
+    # |dS| = |dout . (v - out)| with out = bf16(v): far below |dout| |k| |v|.
+    assert dq.abs().max().item() < 0.05 * dout.abs().max().item() * k.abs().max().item()
+    assert dk.abs().max().item() < 0.05 * dout.abs().max().item() * q.abs().max().item() * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_through_gist_attention(seed, dtype):
+    cfg = GistConfig(ratio=4, window=96, num_sink=10)
+    q, k, v = _inputs(2, 8, 2, 333, 333, 128, dtype, grad=True)
+    out = gist_attention(q, k, v, cfg)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, 0)
+    assert rel_err(out, ref) < FWD_TOL[dtype]
+    for got, want in ((q.grad, rq), (k.grad, rk), (v.grad, rv)):
+        assert rel_err(got, want) < BWD_TOL[dtype]
+
+
+def test_default_config_long(seed):
+    """The default layout (r=4, window 1024, 128 sinks) over several tiles of gists."""
+    cfg = GistConfig()
+    q, k, v = _inputs(1, 2, 1, 4100, 4100, 128, torch.bfloat16)
+    dout = torch.randn_like(q)
+    out, lse = _check_fwd(q, k, v, cfg, 0, FWD_TOL[torch.bfloat16])
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+        dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, 1 / math.sqrt(128), 0
+    )
+    _, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, 0)
+    for got, want in ((dq, rq), (dk, rk), (dv, rv)):
+        assert rel_err(got, want) < BWD_TOL[torch.bfloat16]
+
+
+def test_two_calls_different_inputs(seed):
+    """A second call on new inputs must not see state of the first (every output element rewritten)."""
+    cfg = GistConfig(ratio=2, window=50, num_sink=7)
+    outs = []
+    for _ in range(2):
+        q, k, v = _inputs(1, 4, 2, 515, 515, 64, torch.bfloat16)
+        out, lse = _check_fwd(q, k, v, cfg, 0, FWD_TOL[torch.bfloat16])
+        outs.append(out)
+        del out, lse  # returned to the caching allocator: the next call may reuse it
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_output_memory_reused_from_nan_buffers(seed):
+    """Fill the caching allocator's blocks with NaN, free them, then run: any
+    element the kernels fail to write would show up as NaN."""
+    cfg = GistConfig(ratio=4, window=64, num_sink=3)
+    q, k, v = _inputs(1, 4, 4, 333, 333, 128, torch.float16)
+    dout = torch.randn_like(q)
+    for _ in range(3):
+        junk = [torch.full_like(q, float("nan")) for _ in range(8)]
+        junk += [torch.full((1, 4, 333), float("nan"), device="cuda") for _ in range(4)]
+        junk += [torch.full((1, 4, 333, 128), float("nan"), device="cuda") for _ in range(4)]
+        del junk
+        out, lse = _fwd_op(q, k, v, cfg, 0)
+        dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, 1 / math.sqrt(128), 0
+        )
+        for t in (out, lse, dq, dk, dv):
+            assert not torch.isnan(t).any()
+    ref = gist_attention_reference(q, k, v, cfg)
+    assert rel_err(out, ref) < FWD_TOL[torch.float16]
+
+
+def test_non_contiguous_inputs(seed):
+    cfg = GistConfig(ratio=4, window=40, num_sink=4)
+    base = torch.randn(1, 200, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # [1, 4, 200, 64], strided
+    assert not q.is_contiguous()
+    _check_fwd(q, k, v, cfg, 0, FWD_TOL[torch.bfloat16])
+
+
+def test_misaligned_storage_offset(seed):
+    """Contiguous views that start 2 bytes into their storage (not 16-byte aligned)."""
+    cfg = GistConfig(ratio=4, window=40, num_sink=4)
+    shape = (1, 2, 150, 64)
+    n = math.prod(shape)
+    q, k, v = (torch.randn(n + 1, device="cuda", dtype=torch.bfloat16)[1:].view(shape) for _ in range(3))
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    out, lse = _check_fwd(q, k, v, cfg, 0, FWD_TOL[torch.bfloat16])
+    dout = torch.randn(n + 1, device="cuda", dtype=torch.bfloat16)[1:].view(shape)
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+        dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, 1 / math.sqrt(64), 0
+    )
+    _, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, 0)
+    for got, want in ((dq, rq), (dk, rk), (dv, rv)):
+        assert rel_err(got, want) < BWD_TOL[torch.bfloat16]
+
+
+def test_custom_scale(seed):
+    cfg = GistConfig(ratio=4, window=64, num_sink=8)
+    q, k, v = _inputs(1, 2, 2, 300, 300, 64, torch.bfloat16)
+    out, lse = _fwd_op(q, k, v, cfg, 0, scale=0.3)
+    ref, ref_lse = gist_attention_reference(q, k, v, cfg, softmax_scale=0.3, return_lse=True)
+    assert rel_err(out, ref) < FWD_TOL[torch.bfloat16]
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+
+
+def test_cuda_matches_cpu_kernel(seed):
+    cfg = GistConfig(ratio=2, window=30, num_sink=5)
+    q, k, v = _inputs(1, 4, 2, 150, 150, 64, torch.bfloat16)
+    out = _fwd_op(q, k, v, cfg, 0)[0]
+    cpu = _fwd_op(q.cpu().float(), k.cpu().float(), v.cpu().float(), cfg, 0)[0]
+    assert rel_err(out.cpu(), cpu) < FWD_TOL[torch.bfloat16]
+
+
+def _bad(fn):
+    with pytest.raises(RuntimeError):
+        fn()
+    torch.cuda.synchronize()
+
+
+def test_bad_inputs_raise():
+    cfg = GistConfig()
+    q, k, v = _inputs(1, 4, 2, 10, 10, 64, torch.bfloat16)
+    _bad(lambda: _fwd_op(q.float(), k.float(), v.float(), cfg, 0))  # float32 on CUDA
+    q96, k96, v96 = _inputs(1, 4, 2, 10, 10, 96, torch.bfloat16)
+    _bad(lambda: _fwd_op(q96, k96, v96, cfg, 0))  # head dim 96
+    _bad(lambda: _fwd_op(q, k.cpu(), v, cfg, 0))  # device mix
+    q3, _, _ = _inputs(1, 3, 2, 10, 10, 64, torch.bfloat16)
+    _bad(lambda: _fwd_op(q3, k, v, cfg, 0))  # 3 q heads over 2 kv heads
+    _bad(lambda: _fwd_op(q, k, v, cfg, 5))  # keys do not cover q_offset + q_len
+    _bad(lambda: _fwd_op(q[0], k[0], v[0], cfg, 0))  # rank 3
+    _bad(lambda: _fwd_op(q, k.half(), v, cfg, 0))  # dtype mix
+    _bad(lambda: torch.ops.unigist.gist_attention_fwd(q, k, v, 0, 16, 0, 0.125, 0))  # ratio 0
+    out, lse = _fwd_op(q, k, v, cfg, 0)
+    _bad(
+        lambda: torch.ops.unigist.gist_attention_bwd(
+            q, q, k, v, out, lse[:, :, :5], cfg.ratio, cfg.window, cfg.num_sink, 0.125, 0
+        )
+    )  # lse shape
+    _bad(
+        lambda: torch.ops.unigist.gist_attention_bwd(
+            q, q, k, v, out, lse.double(), cfg.ratio, cfg.window, cfg.num_sink, 0.125, 0
+        )
+    )  # lse dtype

@@ -1,0 +1,146 @@
+"""CPU smoke test of the quality benchmark's data generator and eviction baselines
+(benchmarks/quality): seconds, no GPU, no downloads."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality"))
+
+import data as qdata  # noqa: E402
+from baselines import (  # noqa: E402
+    EvictEngine,
+    FullPolicy,
+    GistPolicy,
+    SnapKVPolicy,
+    StreamingPolicy,
+    budget_for,
+)
+
+import unigist  # noqa: E402
+from unigist import GistConfig  # noqa: E402
+from unigist.layout import insert_gists, interleaved_length  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def lang():
+    return qdata.Language(qdata.Vocab(512, 96))
+
+
+def _find(seq, sub):
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if seq[i : i + n] == sub]
+
+
+@pytest.mark.parametrize("task", qdata.TASKS)
+@pytest.mark.parametrize("length", [64, 300, 1024])
+def test_eval_samples_are_answerable(lang, task, length, seed):
+    samples = qdata.eval_set(lang, task, length, 12, seed)
+    for s in samples:
+        assert len(s.prompt) == length
+        assert s.prompt[-2] == qdata.ASK
+        v = lang.vocab
+        assert all(0 <= t < v.size for t in s.prompt + s.answer)
+        key = s.prompt[-1]
+        marker = qdata.KEY if task == "kv" else qdata.NEEDLE
+        hits = _find(s.prompt[:-2], [marker, key])
+        assert len(hits) == 1, "the queried key / needle name must occur exactly once"
+        i = hits[0]
+        assert s.prompt[i + 2 : i + 2 + len(s.answer)] == s.answer
+        assert len(s.answer) == (2 if task == "kv" else 5)
+        assert not _find(s.prompt[:-2], [qdata.ASK, key]), "the final query is never asked before"
+        if task == "passkey":
+            assert all(qdata.DIGIT0 <= t < qdata.DIGIT0 + 10 for t in s.answer)
+        assert 0 < s.distance <= length
+        assert s.prompt[length - s.distance] in (qdata.KEY, qdata.NEEDLE)
+
+
+def test_generators_deterministic_and_training_batches(lang):
+    a = qdata.eval_set(lang, "kv", 200, 3, 5)
+    b = qdata.eval_set(lang, "kv", 200, 3, 5)
+    assert [s.prompt for s in a] == [s.prompt for s in b]
+    batch = next(qdata.train_batches(lang, 4, 257, 0))
+    assert batch.shape == (4, 257) and batch.dtype == np.int64
+    assert (batch >= 0).all() and (batch < lang.vocab.size).all()
+    docs = qdata.text_set(lang, 150, 2, 0)
+    assert all(len(d) == 150 and d[0] == qdata.BOS for d in docs)
+
+
+def _tiny_llama(vocab=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_engine_full_matches_hf(seed):
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 90))
+    ref = model(ids).logits.float()
+    out = EvictEngine(model, FullPolicy()).run(ids, 32, 80, 0)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: StreamingPolicy(b, sink=4),
+    lambda b: SnapKVPolicy(b, window=8, chunked=True),
+    lambda b: SnapKVPolicy(b, window=8, chunked=False),
+])
+def test_baselines_keep_exactly_the_budget(make, seed):
+    model = _tiny_llama()
+    budget, prompt, total = 37, 100, 104
+    policy = make(budget)
+    eng = EvictEngine(model, policy)
+    ids = torch.randint(0, 128, (3, total))
+    logits = eng.run(ids, 16, prompt, prompt - 1)
+    assert logits.shape == (3, total - prompt + 1, 128)
+    # after the prompt: exactly the budget; the decoding tokens (no eviction) come on top
+    for c in eng.caches:
+        assert c.length == budget + (total - prompt)
+        pos = c.pos[:, :, :budget]
+        assert (pos[..., 1:] > pos[..., :-1]).all(), "kept rows stay in position order"
+        assert (pos < prompt).all()
+    if isinstance(policy, StreamingPolicy):
+        expect = torch.cat([torch.arange(4), torch.arange(prompt - (budget - 4), prompt)])
+        assert torch.equal(eng.caches[0].pos[0, 0, :budget], expect)
+        assert eng.peak_length <= budget + 16
+    elif policy.chunked:
+        assert eng.peak_length <= budget + 16
+        # the observation window (last 8 prompt tokens) is always kept
+        assert torch.equal(eng.caches[0].pos[0, 0, budget - 8 : budget], torch.arange(prompt - 8, prompt))
+    else:
+        assert eng.peak_length == prompt  # one-shot: full prefill, compressed at the end
+
+
+def test_snapkv_keeps_the_attended_key():
+    """A key that the observation window attends to strongly survives SnapKV but not StreamingLLM."""
+    torch.manual_seed(0)
+    b, h, n = 1, 2, 50
+    pos = torch.arange(n).expand(b, h, n)
+    scores = torch.rand(b, h, n) * 0.01
+    scores[:, :, 5] = 1.0
+    idx = SnapKVPolicy(20, window=4, kernel=1).select(pos, scores, n)
+    assert idx.shape == (b, h, 20) and (idx == 5).any(-1).all()
+    idx = StreamingPolicy(20, sink=2).select(pos, None, n)
+    assert not (idx == 5).any()
+
+
+def test_gist_policy_matches_library_and_budget(seed):
+    cfg = GistConfig(ratio=4, window=16, num_sink=4)
+    model = _tiny_llama()
+    patch = getattr(unigist, "patch_model", None) or __import__("unigist.hf", fromlist=["x"]).patch_model
+    cfg = patch(model, None, cfg)
+    raw = torch.randint(0, 128, (1, 80))
+    x = insert_gists(raw, cfg)
+    ref = model(input_ids=x["input_ids"], position_ids=x["position_ids"]).logits.float()
+    eng = EvictEngine(model, GistPolicy(cfg))
+    out = eng.run(x["input_ids"], 24, x["input_ids"].shape[1], 0)
+    assert (out - ref).abs().max().item() < 1e-4
+    assert eng.caches[0].length == budget_for(cfg, interleaved_length(80, 4))

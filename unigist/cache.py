@@ -1,0 +1,328 @@
+"""KV eviction and the compressed cache of unigist.
+
+* :func:`unigist.ops.evict_kv` wraps the ``torch.ops.unigist.evict_kv`` op (CPU and CUDA):
+  it removes, in place and in order, the cached rows no future query can see.
+* :class:`GistCache` is a ``transformers`` :class:`~transformers.Cache` whose
+  layers keep only the sinks, the gists seen so far and the recent window, and
+  record the interleaved position of every entry. It calls the eviction op on
+  every update (so after every prefill chunk and at every decoding step), and
+  reports its memory in bytes, current and peak.
+
+The cache assumes the model is fed the interleaved sequence in order: the
+``n`` rows of an update sit at positions ``seen .. seen + n - 1``. A layer never
+holds more than ``num_sink + gists_so_far + window`` entries plus the chunk
+being processed. Two eviction policies keep that bound:
+
+* ``"strict"``: before every update, evict everything no query at position
+  ``>= seen`` can see (one op call per layer and step); in decoding every
+  cached key is then visible and attention needs no mask;
+* ``"lazy"`` (default): evict only when appending would otherwise break the
+  bound. The bound counts the gists inside the window twice, which leaves
+  about ``window / (ratio + 1)`` entries of slack, so in decoding the op runs
+  about once every ``window / ratio`` steps instead of every step; in between,
+  the few stale keys are masked (one small mask per forward, shared by all
+  layers). ``unigist.generate`` still evicts strictly after every prefill chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import GistConfig
+from .ops import evict_kv
+
+__all__ = ["evict_kv", "GistCache", "GistCacheLayer"]
+
+
+def _raw_between(lo: int, hi: int, ratio: int) -> int:
+    """Number of raw (non-gist) positions in ``[lo, hi)``."""
+    if hi <= lo:
+        return 0
+    p = ratio + 1
+    return (hi - lo) - (hi // p - lo // p)
+
+
+class GistCacheLayer(CacheLayerMixin):
+    """One layer of a :class:`GistCache`: KV buffers ``[B, H, capacity, D]`` plus positions.
+
+    ``keys``/``values`` are views of the valid rows; ``positions`` holds the
+    interleaved position of each of them.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, config: GistConfig, capacity: Optional[int] = None, eviction: str = "lazy", **kwargs):
+        super().__init__()
+        if eviction not in ("lazy", "strict"):
+            raise ValueError(f"eviction must be 'lazy' or 'strict', got {eviction!r}")
+        self.eviction = eviction
+        self.gist_config = config
+        self.capacity_hint = capacity
+        self.length = 0  # valid rows
+        self.seen = 0  # positions processed so far = position of the next row
+        self.evicted_at = 0  # last next_query the layer was evicted for
+        self.peak_length = 0
+        self.peak_capacity = 0
+        self._k = self._v = self._pos = None
+
+    # ----------------------------------------------------------------- buffers
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._alloc(max(self.capacity_hint or 0, key_states.shape[-2], 1), key_states, value_states)
+        self.is_initialized = True
+
+    def _alloc(self, capacity: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        b, h, _, d = key_like.shape
+        dv = value_like.shape[-1]
+        k = key_like.new_empty((b, h, capacity, d))
+        v = value_like.new_empty((b, h, capacity, dv))
+        pos = torch.empty(capacity, dtype=torch.long, device=key_like.device)
+        if self._k is not None and self.length:
+            k[:, :, : self.length].copy_(self._k[:, :, : self.length])
+            v[:, :, : self.length].copy_(self._v[:, :, : self.length])
+            pos[: self.length].copy_(self._pos[: self.length])
+        self._k, self._v, self._pos = k, v, pos
+        self.peak_capacity = max(self.peak_capacity, capacity)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[-2]
+
+    @property
+    def positions(self) -> Optional[torch.Tensor]:
+        """Interleaved positions of the valid rows (int64, on the cache's device)."""
+        return None if self._pos is None else self._pos[: self.length]
+
+    def _refresh_views(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    # ---------------------------------------------------------------- eviction
+    def expected_length_after_evict(self, next_query: int) -> int:
+        """Rows the layer will hold after ``evict(next_query)`` (pure arithmetic)."""
+        if next_query <= self.evicted_at or self.length == 0:
+            return self.length
+        c = self.gist_config
+        lo = max(c.num_sink, self.evicted_at - c.window + 1)
+        hi = min(self.seen, next_query - c.window + 1)
+        return self.length - _raw_between(lo, hi, c.ratio)
+
+    def bound(self, seen: int) -> int:
+        """``num_sink + gists in [0, seen) + window`` (capped at ``seen``)."""
+        c = self.gist_config
+        return min(seen, c.num_sink + seen // (c.ratio + 1) + c.window)
+
+    def evict(self, next_query: int) -> int:
+        """Drop every row no query at position ``>= next_query`` can see; returns the new length."""
+        if next_query <= self.evicted_at or self.length == 0:
+            return self.length
+        expected = self.expected_length_after_evict(next_query)
+        if expected != self.length:
+            kept = evict_kv(self._k, self._v, self._pos, self.length, next_query, self.gist_config)
+            if kept != expected:
+                raise RuntimeError(
+                    f"unigist: KV eviction kept {kept} rows where the layout predicts {expected}; "
+                    "the cache was fed positions out of order"
+                )
+            self.length = kept
+            self._refresh_views()
+        self.evicted_at = next_query
+        return self.length
+
+    # ------------------------------------------------------------------ update
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        start = self.seen
+        # Rows no query of this chunk (or later) can see leave before the chunk comes in:
+        # always ("strict"), or when keeping them would break the bound ("lazy").
+        if self.eviction == "strict" or self.length > self.bound(start):
+            self.evict(start)
+        all_visible = self.expected_length_after_evict(start) == self.length
+        need = self.length + n
+        if need > self.capacity:
+            self._alloc(max(need, self.capacity + self.capacity // 4 + 64), key_states, value_states)
+        self._k[:, :, self.length : need].copy_(key_states)
+        self._v[:, :, self.length : need].copy_(value_states)
+        torch.arange(start, start + n, out=self._pos[self.length : need])
+        self.length = need
+        self.seen = start + n
+        self.peak_length = max(self.peak_length, need)
+        self._refresh_views()
+        keys, values = self.keys, self.values
+        # The attention function reads the key positions from here (the model code
+        # passes these very tensor objects to it).
+        keys.unigist_positions = self._pos[:need]
+        keys.unigist_query_start = start
+        keys.unigist_contiguous = need == self.seen  # nothing evicted yet: positions 0..seen-1
+        keys.unigist_all_visible = all_visible  # every cached key is visible to the first query
+        return keys, values
+
+    # --------------------------------------------------------- HF Cache API
+    def get_seq_length(self) -> int:
+        """Positions processed so far (the position of the next token), not the cached rows."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = self.seen = self.evicted_at = 0
+        self.peak_length = 0
+        if self._k is not None:
+            self._refresh_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("unigist.GistCache cannot be cropped: evicted rows are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._k is not None:
+            self._k = self._k.index_select(0, beam_idx.to(self._k.device))
+            self._v = self._v.index_select(0, beam_idx.to(self._v.device))
+            self._refresh_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._k = self._k[indices]
+            self._v = self._v[indices]
+            self._refresh_views()
+
+    # ------------------------------------------------------------------ memory
+    def row_bytes(self) -> int:
+        """Bytes of one cached position (key + value, all batch rows and heads)."""
+        if self._k is None:
+            return 0
+        return self._k[:, :, 0].numel() * self._k.element_size() + self._v[:, :, 0].numel() * self._v.element_size()
+
+
+class GistCache(Cache):
+    """A ``transformers`` cache that keeps only what UniGist still needs.
+
+    Per layer it holds the first ``num_sink`` positions, every gist seen so
+    far and the last ``window`` positions, with the interleaved position of
+    each entry, evicting the rest (``unigist.evict_kv``) on every update.
+
+    Args:
+        config: the gist layout.
+        num_layers: number of decoder layers (or pass ``model_config``); when
+            neither is given, layers are created as the model asks for them.
+        model_config: a ``transformers`` config; its ``num_hidden_layers`` is used.
+        capacity: rows to preallocate per layer (``unigist.generate`` passes the
+            exact bound so buffers never grow); buffers grow by 25% when needed.
+        eviction: ``"lazy"`` (default) or ``"strict"``, see the module docstring.
+
+    Memory: :meth:`memory_bytes` / :meth:`peak_memory_bytes` count the valid
+    entries (keys + values, all layers); :meth:`allocated_bytes` counts the
+    buffers. :meth:`get_seq_length` returns the positions processed so far, so
+    a model called without ``position_ids`` still numbers tokens correctly.
+    """
+
+    def __init__(
+        self,
+        config: GistConfig,
+        num_layers: Optional[int] = None,
+        model_config=None,
+        capacity: Optional[int] = None,
+        eviction: str = "lazy",
+    ):
+        if not isinstance(config, GistConfig):
+            raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
+        if num_layers is None and model_config is not None:
+            text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+            num_layers = text_config.num_hidden_layers
+        self.gist_config = config
+        self._peak_bytes = 0
+        # Masks shared by all layers of one forward pass (every layer holds the same positions).
+        self._mask_memo: dict = {}
+        if num_layers is not None:
+            super().__init__(layers=[GistCacheLayer(config, capacity, eviction) for _ in range(num_layers)])
+        else:
+            super().__init__(layer_class_to_replicate=functools.partial(GistCacheLayer, config, capacity, eviction))
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys.unigist_mask_memo = self._mask_memo
+        if layer_idx == len(self.layers) - 1:  # every layer has appended: the forward's peak
+            self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self._mask_memo.clear()
+        self._peak_bytes = 0
+
+    def evict(self, next_query: Optional[int] = None) -> None:
+        """Evict every layer for a query at ``next_query`` (default: the next position)."""
+        for layer in self.layers:
+            layer.evict(layer.seen if next_query is None else next_query)
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def seen_tokens(self) -> int:
+        """Interleaved positions processed so far."""
+        return max((layer.seen for layer in self.layers), default=0)
+
+    def cache_length(self, layer_idx: Optional[int] = None) -> int:
+        """Entries held by one layer (default: the largest over layers)."""
+        if layer_idx is not None:
+            return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+        return max((layer.length for layer in self.layers), default=0)
+
+    def peak_cache_length(self) -> int:
+        return max((layer.peak_length for layer in self.layers), default=0)
+
+    def max_allowed_length(self, seen: Optional[int] = None) -> int:
+        """``num_sink + gists_so_far + window``: what the cache may hold between chunks."""
+        c = self.gist_config
+        seen = self.seen_tokens if seen is None else seen
+        return min(seen, c.num_sink + seen // (c.ratio + 1) + c.window)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the valid key/value entries of all layers now."""
+        return sum(layer.length * layer.row_bytes() for layer in self.layers)
+
+    def peak_memory_bytes(self) -> int:
+        """Largest :meth:`memory_bytes` seen after any update."""
+        return max(self._peak_bytes, self.memory_bytes())
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value buffers (capacity) of all layers, plus positions."""
+        total = 0
+        for layer in self.layers:
+            if layer._k is not None:
+                total += layer._k.numel() * layer._k.element_size() + layer._v.numel() * layer._v.element_size()
+                total += layer._pos.numel() * layer._pos.element_size()
+        return total
+
+    def full_cache_bytes(self, seen: Optional[int] = None) -> int:
+        """Bytes an uncompressed cache would hold for the positions processed so far."""
+        seen = self.seen_tokens if seen is None else seen
+        return sum(seen * layer.row_bytes() for layer in self.layers)
+
+    def stats(self) -> dict:
+        return {
+            "seen_tokens": self.seen_tokens,
+            "cache_length": self.cache_length(),
+            "peak_cache_length": self.peak_cache_length(),
+            "max_allowed_length": self.max_allowed_length(),
+            "kv_bytes": self.memory_bytes(),
+            "peak_kv_bytes": self.peak_memory_bytes(),
+            "allocated_bytes": self.allocated_bytes(),
+            "full_cache_bytes": self.full_cache_bytes(),
+        }
