@@ -58,43 +58,6 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ out,
 
 // ---------------------------------------------------------------------------
 // 2. dQ kernel. Same key visit as the forward.
-struct KeyBlocksB {
-  int sink_end, gist_begin, gist_end, local_lo, local_hi;
-  int nA, nB, nC;
-  __device__ __forceinline__ void init(const layout::TileVisit& tv, int bn) {
-    sink_end = static_cast<int>(tv.sink_end);
-    gist_begin = static_cast<int>(tv.gist_begin);
-    gist_end = static_cast<int>(tv.gist_end);
-    local_lo = static_cast<int>(tv.local_lo);
-    local_hi = static_cast<int>(tv.local_hi);
-    nA = (sink_end + bn - 1) / bn;
-    nB = (gist_end - gist_begin + bn - 1) / bn;
-    nC = (local_hi - local_lo + bn - 1) / bn;
-  }
-  __device__ __forceinline__ int total() const { return nA + nB + nC; }
-  __device__ __forceinline__ void block(int it, int bn, int& kind, int& first, int& end) const {
-    if (it < nA) {
-      kind = 0;
-      first = it * bn;
-      end = sink_end;
-    } else if (it < nA + nB) {
-      kind = 1;
-      first = gist_begin + (it - nA) * bn;
-      end = gist_end;
-    } else {
-      kind = 2;
-      first = local_lo + (it - nA - nB) * bn;
-      end = local_hi;
-    }
-  }
-};
-
-__device__ __forceinline__ int key_pos_b(const Layout32& l, int kind, int first, int end, int s) {
-  const int x = first + s;
-  if (x >= end) return -1;
-  return kind == 1 ? l.gist_position(x) : x;
-}
-
 template <int D>
 constexpr int dq_smem_bytes() {
   return (2 * kQTile * D + 4 * kKBlock * D) * 2;  // Q, dO + 2 stages of K and V
@@ -128,7 +91,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   const int q_lo = p.q_offset + m0;
   const int rows_here = min(BM, p.Nq - m0);
   const int q_hi = q_lo + rows_here - 1;
-  KeyBlocksB kb;
+  KeyBlocks kb;
   kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
   const int nblocks = kb.total();
 
@@ -147,14 +110,14 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
     load_rows<BN, D, kBwdThreads>(
         sK + stage * BN * D,
         [&](int r) -> const T* {
-          const int j = key_pos_b(l, kind, first, end, r);
+          const int j = key_position(l, kind, first, end, r);
           return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
         },
         kg);
     load_rows<BN, D, kBwdThreads>(
         sV + stage * BN * D,
         [&](int r) -> const T* {
-          const int j = key_pos_b(l, kind, first, end, r);
+          const int j = key_position(l, kind, first, end, r);
           return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
         },
         vg);
@@ -234,7 +197,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
       if (need_mask) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const int kp = key_pos_b(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
+          const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             const bool ok = kp >= 0 && row0 + hr * 8 < rows_here &&

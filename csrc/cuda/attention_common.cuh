@@ -141,6 +141,49 @@ struct Layout32 {
   }
 };
 
+// A query tile's key visit (layout::tile_visit) cut into blocks of bn keys,
+// shared by the forward and the dQ kernel so both count each pair alike.
+// Which keys key block `it` of a tile covers. kind: 0 sink, 1 gist, 2 local.
+struct KeyBlocks {
+  int sink_end, gist_begin, gist_end, local_lo, local_hi;
+  int nA, nB, nC;
+  __device__ __forceinline__ void init(const layout::TileVisit& tv, int bn) {
+    sink_end = static_cast<int>(tv.sink_end);
+    gist_begin = static_cast<int>(tv.gist_begin);
+    gist_end = static_cast<int>(tv.gist_end);
+    local_lo = static_cast<int>(tv.local_lo);
+    local_hi = static_cast<int>(tv.local_hi);
+    nA = (sink_end + bn - 1) / bn;
+    nB = (gist_end - gist_begin + bn - 1) / bn;
+    nC = (local_hi - local_lo + bn - 1) / bn;
+  }
+  __device__ __forceinline__ int total() const { return nA + nB + nC; }
+  // Sets kind, first (first key position or first gist index) and end
+  // (exclusive bound of the same quantity) of block it.
+  __device__ __forceinline__ void block(int it, int bn, int& kind, int& first, int& end) const {
+    if (it < nA) {
+      kind = 0;
+      first = it * bn;
+      end = sink_end;
+    } else if (it < nA + nB) {
+      kind = 1;
+      first = gist_begin + (it - nA) * bn;
+      end = gist_end;
+    } else {
+      kind = 2;
+      first = local_lo + (it - nA - nB) * bn;
+      end = local_hi;
+    }
+  }
+};
+
+// Position of slot s of a block (kind, first); -1 when past the block's end.
+__device__ __forceinline__ int key_position(const Layout32& l, int kind, int first, int end, int s) {
+  const int x = first + s;
+  if (x >= end) return -1;
+  return kind == 1 ? l.gist_position(x) : x;
+}
+
 // Parameters shared by the forward and backward kernels. Tensors are
 // contiguous: q/out/dout [B, Hq, Nq, D], k/v [B, Hkv, Nk, D].
 struct AttnParams {
