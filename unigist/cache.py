@@ -33,17 +33,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import GistConfig
+from .layout import num_gists
 from .ops import evict_kv
 
 __all__ = ["evict_kv", "GistCache", "GistCacheLayer"]
-
-
-def _raw_between(lo: int, hi: int, ratio: int) -> int:
-    """Number of raw (non-gist) positions in ``[lo, hi)``."""
-    if hi <= lo:
-        return 0
-    p = ratio + 1
-    return (hi - lo) - (hi // p - lo // p)
 
 
 class GistCacheLayer(CacheLayerMixin):
@@ -111,12 +104,12 @@ class GistCacheLayer(CacheLayerMixin):
         c = self.gist_config
         lo = max(c.num_sink, self.evicted_at - c.window + 1)
         hi = min(self.seen, next_query - c.window + 1)
-        return self.length - _raw_between(lo, hi, c.ratio)
+        raw = max(0, hi - lo) - max(0, num_gists(hi, c) - num_gists(lo, c))  # raw positions in [lo, hi)
+        return self.length - raw
 
     def bound(self, seen: int) -> int:
         """``num_sink + gists in [0, seen) + window`` (capped at ``seen``)."""
-        c = self.gist_config
-        return min(seen, c.num_sink + seen // (c.ratio + 1) + c.window)
+        return self.gist_config.max_cache_len(seen)
 
     def evict(self, next_query: int) -> int:
         """Drop every row no query at position ``>= next_query`` can see; returns the new length."""
@@ -289,9 +282,7 @@ class GistCache(Cache):
 
     def max_allowed_length(self, seen: Optional[int] = None) -> int:
         """``num_sink + gists_so_far + window``: what the cache may hold between chunks."""
-        c = self.gist_config
-        seen = self.seen_tokens if seen is None else seen
-        return min(seen, c.num_sink + seen // (c.ratio + 1) + c.window)
+        return self.gist_config.max_cache_len(self.seen_tokens if seen is None else seen)
 
     def memory_bytes(self) -> int:
         """Bytes of the valid key/value entries of all layers now."""
