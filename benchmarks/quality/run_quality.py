@@ -63,6 +63,14 @@ PRESETS = {
         lengths=[512, 1024, 2048, 4096], n_eval=32, n_text=8, ppl_tokens=512, chunk=512,
         window=256, sink=16, eval_batch=20,
     ),
+    # a small model on a CPU (2 cores: ~15 minutes), where associative recall does emerge
+    "small": dict(
+        vocab=512, symbols=96, hidden=256, layers=2, heads=4, kv_heads=4, inter=512,
+        train_len=256, batch=8, steps=1500, lr=3e-3, train_seconds=420.0,
+        curriculum="64:0.5,128:0.25,256:0.25", mix="0,1,1",
+        lengths=[64, 128, 256], n_eval=32, n_text=8, ppl_tokens=64, chunk=32,
+        window=32, sink=4, eval_batch=32,
+    ),
     # seconds on a CPU; numbers meaningless, the pipeline is exercised end to end.
     "tiny": dict(
         vocab=512, symbols=96, hidden=128, layers=2, heads=2, kv_heads=1, inter=256,
@@ -76,7 +84,9 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny model and contexts (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="tiny model and contexts (CPU smoke run; = --preset tiny)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="default: sized for one H100; small: a CPU-sized model; tiny: smoke run")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--seed", type=int, default=0, help="model init + training data seed")
@@ -92,7 +102,11 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, type=type(v), default=None)
     a = p.parse_args(argv)
-    preset = PRESETS["tiny" if a.tiny else "default"]
+    if a.tiny:
+        a.preset = "tiny"
+    a.preset = a.preset or "default"
+    a.tiny = a.preset == "tiny"
+    preset = PRESETS[a.preset]
     for k, v in preset.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -664,8 +678,8 @@ def main(argv=None):
         if kind == "streaming":
             return StreamingPolicy(b, sink=a.sink)
         if kind == "snapkv":
-            return SnapKVPolicy(b, window=32 if not a.tiny else 8, chunked=True)
-        return SnapKVPolicy(b, window=32 if not a.tiny else 8, chunked=False)
+            return SnapKVPolicy(b, window=max(4, min(32, b // 4)), chunked=True)
+        return SnapKVPolicy(b, window=max(4, min(32, b // 4)), chunked=False)
 
     def guard(what, fn):
         try:
