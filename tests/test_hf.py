@@ -153,6 +153,25 @@ def test_cuda_head_dim_checked():
         patch_model(model, None, CFG)
 
 
+@pytest.mark.cuda
+def test_cuda_autocast_training_uses_the_kernel(seed, monkeypatch):
+    """Under bf16 autocast RoPE hands float32 q/k to the attention function; it must
+    still run the CUDA kernel (in bf16), not the dense-mask fallback, and match the
+    float32 dense reference within bf16 tolerance."""
+    model = tiny_model("llama", seed=seed % 1000, hidden_size=256, num_attention_heads=4).cuda()  # head_dim 64
+    cfg = patch_model(model, None, CFG)
+    ref = reference_copy(model)
+    batch = {k: v.cuda() for k, v in GistCollator(cfg)([torch.randint(0, VOCAB, (90,))]).items()}
+    calls = []
+    real = unigist.hf.gist_attention
+    monkeypatch.setattr(unigist.hf, "gist_attention", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(**batch).logits
+    assert calls == [torch.bfloat16, torch.bfloat16]
+    ref_logits = ref(**batch, attention_mask=dense_mask(batch["input_ids"].shape[1], cfg).cuda()).logits
+    assert rel_err(logits.float(), ref_logits) < 5e-2  # whole model under bf16 autocast
+
+
 def test_collator_layout():
     cfg = GistConfig(ratio=2, window=8, num_sink=1, gist_token_id=99)
     collate = GistCollator(cfg, pad_token_id=7, pad_to_multiple_of=4)

@@ -8,7 +8,7 @@ entries are really removed from the cache.
 from . import layout, reference
 from .cache import GistCache
 from .config import GistConfig
-from .data import GistCollator
+from .data import GistCollator, gist_batch
 from .generate import GenerationResult, generate  # the function shadows the module of the same name
 from .hf import patch_model, unpatch_model
 from .ops import evict_kv, gist_attention, has_cuda_kernels
@@ -23,6 +23,7 @@ __all__ = [
     "patch_model",
     "unpatch_model",
     "GistCollator",
+    "gist_batch",
     "GistCache",
     "generate",
     "GenerationResult",

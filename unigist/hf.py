@@ -190,11 +190,17 @@ def unigist_attention_forward(
     if k_pos is None:
         k_pos = getattr(key, "unigist_positions", None)
         from_cache = k_pos is not None
+    cache_keys = key  # carries the GistCache's attributes; a cast below would drop them
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Under autocast RoPE hands back float32 q/k. SDPA would compute in the
+        # autocast dtype, and so does the kernel (it takes 16-bit inputs only).
+        amp_dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (t if t.dtype == amp_dtype else t.to(amp_dtype) for t in (query, key, value))
     if k_pos is not None and k_pos.shape[-1] != nk:
         raise ValueError(f"gist key positions ({k_pos.shape[-1]}) do not match the number of keys ({nk})")
 
     if k_pos is None or (
-        from_cache and USE_KERNEL_WITH_CACHE and getattr(key, "unigist_contiguous", False) and _op_supports(query)
+        from_cache and USE_KERNEL_WITH_CACHE and getattr(cache_keys, "unigist_contiguous", False) and _op_supports(query)
     ):
         # Keys at positions 0..Nk-1, queries at the last Nq positions.
         if k_pos is None:
@@ -211,12 +217,12 @@ def unigist_attention_forward(
             mask = gist_mask(nq, nk, cfg, q_offset=q_offset, device=query.device)
             out = _sdpa(query, key, value, mask, scale)
     else:
-        if from_cache and getattr(key, "unigist_all_visible", False) and nq == 1:
+        if from_cache and getattr(cache_keys, "unigist_all_visible", False) and nq == 1:
             # The cache holds no key this query cannot see: no mask.
             mask = None
         else:
-            memo = getattr(key, "unigist_mask_memo", None) if from_cache else None
-            memo_key = (getattr(key, "unigist_query_start", None), nq, nk, query.dtype, query.device)
+            memo = getattr(cache_keys, "unigist_mask_memo", None) if from_cache else None
+            memo_key = (getattr(cache_keys, "unigist_query_start", None), nq, nk, query.dtype, query.device)
             mask = memo.get(memo_key) if memo is not None else None
             if mask is None:
                 k_pos = k_pos.to(query.device)

@@ -28,9 +28,8 @@ re-assignment): every context here is within the training length.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,7 @@ a query about a pair / needle never asked before, plus the answer tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import numpy as np

@@ -22,7 +22,7 @@ End to end, with no downloads:
 
 ``python benchmarks/quality/run_quality.py --tiny --device cpu`` runs the whole
 pipeline in a minute or two on a CPU with a tiny model (a smoke run: the
-numbers mean nothing). The defaults are sized for one H100, ~9 minutes.
+numbers mean nothing). The defaults are sized for one H100, ~6 minutes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import torch
@@ -50,12 +50,14 @@ if ROOT not in sys.path:
 
 from data import TASKS, Language, Vocab, eval_set, text_set  # noqa: E402
 
+import unigist  # noqa: E402
+
 # ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
 
 PRESETS = {
-    # ~9M parameters (incl. 0.4M tied embeddings); one H100, bf16 autocast; ~7-8 minutes in all.
+    # 7.3M parameters (incl. 0.8M tied embeddings); one H100, bf16 autocast; ~6 minutes in all.
     "default": dict(
         vocab=2048, symbols=768, hidden=384, layers=4, heads=6, kv_heads=3, inter=1024,
         train_len=4096, batch=8, steps=1600, lr=3e-3, train_seconds=120.0,
@@ -215,46 +217,12 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _set_attn(model, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except Exception:
-        model.config._attn_implementation = name
-    model.config._attn_implementation = name
-
-
-def use_amp_gist_attention(model, on: bool) -> None:
-    """Thin layer over unigist's attention function for bf16 *autocast* training.
-
-    Under autocast, Llama's RoPE multiplies the bf16 q/k by float32 cos/sin, so the
-    attention function receives float32 q/k/v; unigist's CUDA kernel takes bf16/fp16
-    only and unigist.hf would fall back to its dense-mask SDPA path. This wrapper casts
-    q/k/v to the autocast dtype first (what SDPA does under autocast) and then calls
-    ``unigist.hf.unigist_attention_forward`` unchanged. Used for training only (no cache).
-    """
-    from transformers import AttentionInterface
-    from unigist.hf import unigist_attention_forward
-
-    def amp_forward(module, query, key, value, attention_mask, **kwargs):
-        dev = query.device.type
-        if torch.is_autocast_enabled(dev):
-            dt = torch.get_autocast_dtype(dev)
-            query, key, value = query.to(dt), key.to(dt), value.to(dt)
-        return unigist_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("unigist_amp", amp_forward)
-    _set_attn(model, "unigist_amp" if on else "unigist")
-
-
 def train(model, a, pool, device, name: str, gist_config=None) -> dict:
     """Train on the shared stream; the gist models get the interleaved layout from unigist.GistCollator."""
     collate = None
     if gist_config is not None:
-        # unigist.data.gist_batch: the GistCollator's layout for an unpadded [B, L] batch, vectorized
-        gist_batch = api("gist_batch", "unigist.data")
-        collate = lambda raw: gist_batch(raw, gist_config)  # noqa: E731
-        if device.type == "cuda":
-            use_amp_gist_attention(model, True)
+        # unigist.gist_batch: the GistCollator's layout for an unpadded [B, L] batch, vectorized
+        collate = lambda raw: unigist.gist_batch(raw, gist_config)  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     schedule = parse_curriculum(a.curriculum, a.batch, a.train_len, a.steps)
     stream = BatchStream(pool, a.seed, schedule, tuple(float(x) for x in a.mix.split(",")))
@@ -296,8 +264,6 @@ def train(model, a, pool, device, name: str, gist_config=None) -> dict:
     final = float(np.mean([l for _, l in losses[-4:]])) if losses else float("nan")
     info = dict(name=name, steps=step, seconds=round(dt, 1), raw_tokens=int(tokens_seen),
                 final_loss=round(final, 4), loss_curve=losses, steps_per_length=phase_log)
-    if gist_config is not None and device.type == "cuda":
-        use_amp_gist_attention(model, False)
     log(f"trained {name}: {step} steps in {dt:.0f}s ({info['raw_tokens'] / dt / 1e3:.0f}k raw tok/s), loss {final:.4f}")
     model.eval()
     return info
@@ -319,7 +285,7 @@ def eval_engine(model, policy, samples, a, device) -> dict:
     from baselines import EvictEngine
 
     eng = EvictEngine(model, policy)
-    correct, peaks, finals = [], [], []
+    correct, peaks = [], []
     for group in _batches(samples, a.eval_batch):
         p = len(group[0].prompt)
         ids = torch.tensor([s.prompt + s.answer[:-1] for s in group], device=device)
@@ -348,22 +314,6 @@ def ppl_engine(model, policy, docs, a, device) -> dict:
     return dict(ppl=math.exp(nll / count), nll=nll / count)
 
 
-def api(name: str, module: str):
-    """``unigist.<name>`` (the public API), or from its defining module while ``unigist/__init__`` lacks it."""
-    import importlib
-
-    import unigist
-
-    obj = getattr(unigist, name, None)
-    if obj is None or not callable(obj) or isinstance(obj, type(unigist)):
-        obj = getattr(importlib.import_module(module), name)
-    return obj
-
-
-def _generate_fn():
-    return api("generate", "unigist.generate")
-
-
 @torch.no_grad()
 def _engine_gist_logits(model, config, ids_raw: List[int], a, score_raw_from: int):
     """Fallback path: teacher-forced logits over the interleaved sequence through the independent engine
@@ -385,7 +335,7 @@ GIST_EVAL_PATH = {}
 @torch.no_grad()
 def eval_unigist(model, samples, a, device, config) -> dict:
     """Recall accuracy with ``unigist.generate`` (greedy, chunked prefill, real eviction)."""
-    generate = _generate_fn()
+    generate = unigist.generate
     correct, peak = [], 0
     for s in samples:
         if GIST_EVAL_PATH.get(config.ratio, "unigist.generate") == "unigist.generate":
@@ -411,7 +361,7 @@ def eval_unigist(model, samples, a, device, config) -> dict:
 def ppl_unigist(model, docs, a, device, config) -> dict:
     from unigist.layout import raw_positions
 
-    generate = _generate_fn()
+    generate = unigist.generate
     nll, count = 0.0, 0
     for doc in docs:
         L = len(doc)
@@ -432,7 +382,7 @@ def ppl_unigist(model, docs, a, device, config) -> dict:
 def crosscheck_unigist(model, samples, a, device, config) -> dict:
     """Teacher-forced answers through the independent engine (GistPolicy: reference mask + keep_for_future)
     versus unigist.generate's greedy answers: how often do they agree on exact match?"""
-    generate = _generate_fn()
+    generate = unigist.generate
     agree = 0
     for s in samples:
         logits = _engine_gist_logits(model, config, s.prompt + s.answer, a, len(s.prompt))
@@ -637,10 +587,9 @@ def main(argv=None):
         while not os.path.exists(a.wait_for):
             time.sleep(1)
         log(f"waited {time.perf_counter() - t:.0f}s for {a.wait_for}")
-    import unigist
     from unigist import GistConfig
 
-    patch_model = api("patch_model", "unigist.hf")
+    patch_model = unigist.patch_model
     res["env"]["cuda_kernels"] = bool(unigist.has_cuda_kernels())
     if device.type == "cuda":
         res["env"]["gist_train_attention"] = ("unigist CUDA kernel (gist_attention_fwd/bwd)" if unigist.has_cuda_kernels()
