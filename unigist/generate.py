@@ -222,7 +222,7 @@ def generate(
     n_prompt = x.shape[0]
     total = n_prompt + interleaved_length(max_new_tokens, r) + 1
     step = max(chunk_size, 2)
-    capacity = min(total, gcfg.num_sink + total // (r + 1) + gcfg.window + step)
+    capacity = min(total, gcfg.max_cache_len(total) + step)
     cache = GistCache(gcfg, model_config=model.config, capacity=capacity, eviction=eviction)
     keep_kw = _supports_logits_to_keep(model)
     eos = _eos_ids(model, tokenizer, eos_token_id)
