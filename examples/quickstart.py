@@ -29,10 +29,6 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from unigist.cache import GistCache  # noqa: F401  (the cache generate() uses)
-from unigist.data import GistCollator
-from unigist.generate import generate
-from unigist.hf import patch_model
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "hen", "elk"]
 COLORS = ["red", "blue", "green", "gold", "gray", "pink"]
@@ -86,11 +82,11 @@ def main() -> None:
     )
 
     # 2. UniGist: a gist token after every 4 raw tokens, 8 sinks, a 64-position window
-    config = patch_model(model, tokenizer, unigist.GistConfig(ratio=4, window=64, num_sink=8))
+    config = unigist.patch_model(model, tokenizer, unigist.GistConfig(ratio=4, window=64, num_sink=8))
     print(f"patched: {config}  (vocabulary {len(tokenizer)}, attention '{model.config._attn_implementation}')")
 
     # 3. chunk-free training: the whole interleaved sequence in one forward pass
-    collate = GistCollator(config, tokenizer=tokenizer, max_length=128)
+    collate = unigist.GistCollator(config, tokenizer=tokenizer, max_length=128)
     examples = [{"input_ids": tokenizer(text)["input_ids"]} for text in corpus]
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
@@ -107,7 +103,7 @@ def main() -> None:
     # 4. compressed generation over a long context
     prompt = story(random.Random(1), 60) + " The"
     print(f"\nprompt: {len(tokenizer(prompt)['input_ids'])} tokens; generating:")
-    result = generate(
+    result = unigist.generate(
         model,
         tokenizer,
         prompt,
