@@ -70,13 +70,22 @@ def _warn_once(key: str, msg: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _module_gist_config(module) -> GistConfig:
-    cfg = getattr(module, "unigist_config", None)
+def _find_gist_config(obj) -> Optional[GistConfig]:
+    """The GistConfig patch_model recorded on a model or attention module (on the
+    object itself, or as a dict in its HF config so it survives save/load), else None."""
+    cfg = getattr(obj, "unigist_config", None)
     if isinstance(cfg, GistConfig):
         return cfg
-    stored = getattr(getattr(module, "config", None), "unigist_config", None)
+    stored = getattr(getattr(obj, "config", None), "unigist_config", None)
     if isinstance(stored, dict):
         return GistConfig(**stored)
+    return None
+
+
+def _module_gist_config(module) -> GistConfig:
+    cfg = _find_gist_config(module)
+    if cfg is not None:
+        return cfg
     raise RuntimeError(
         "unigist attention was called on a module that unigist.patch_model did not patch "
         "(no GistConfig found); call unigist.patch_model(model, tokenizer, config) first"
@@ -438,12 +447,9 @@ def is_patched(model) -> bool:
 
 def get_gist_config(model) -> GistConfig:
     """The GistConfig :func:`patch_model` recorded on ``model``."""
-    cfg = getattr(model, "unigist_config", None)
-    if isinstance(cfg, GistConfig):
+    cfg = _find_gist_config(model)
+    if cfg is not None:
         return cfg
-    stored = getattr(getattr(model, "config", None), "unigist_config", None)
-    if isinstance(stored, dict):
-        return GistConfig(**stored)
     raise ValueError("model is not patched: call unigist.patch_model(model, tokenizer, config) first")
 
 
