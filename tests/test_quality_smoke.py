@@ -144,3 +144,53 @@ def test_gist_policy_matches_library_and_budget(seed):
     out = eng.run(x["input_ids"], 24, x["input_ids"].shape[1], 0)
     assert (out - ref).abs().max().item() < 1e-4
     assert eng.caches[0].length == budget_for(cfg, interleaved_length(80, 4))
+
+
+@pytest.mark.parametrize("task", ["kv", "passkey"])
+def test_training_queries_are_fresh_and_answerable(lang, task, seed):
+    """Every training query asks a pair / needle shown earlier and not asked before, and its answer
+    tokens (what ``answer_mask`` marks) are exactly that pair's value / needle's digits."""
+    rng = np.random.default_rng(seed)
+    marker = qdata.KEY if task == "kv" else qdata.NEEDLE
+    n_queries = 0
+    for _ in range(8):
+        seq = lang.kv_train(rng, 512) if task == "kv" else lang.passkey_train(rng, 512)
+        mask = qdata.answer_mask(np.asarray(seq))
+        asked = set()
+        for j in np.flatnonzero(np.asarray(seq) == qdata.ASK):
+            if j + 1 >= len(seq):
+                continue
+            key = seq[j + 1]
+            assert key not in asked, "a query repeats an earlier one"
+            asked.add(key)
+            hits = _find(seq[:j], [marker, key])
+            assert len(hits) == 1
+            n_ans = 2 if task == "kv" else 5
+            src = seq[hits[0] + 2 : hits[0] + 2 + n_ans]
+            got = seq[j + 2 : j + 2 + n_ans]
+            assert got == src[: len(got)]
+            assert mask[j + 2 : j + 2 + n_ans].all() and not mask[j : j + 2].any()
+            n_queries += 1
+        assert mask.sum() <= n_ans * len(asked)
+    assert n_queries > 8
+
+
+def test_answer_mask_batch_and_copy_task(lang, seed):
+    rng = np.random.default_rng(seed)
+    batch = np.asarray([lang.train_sequence(rng, 200, (1, 1, 1, 1)) for _ in range(12)])
+    mask = qdata.answer_mask(batch)
+    assert mask.shape == batch.shape
+    for row, m in zip(batch, mask):
+        assert (mask_row := qdata.answer_mask(row)).shape == row.shape and (mask_row == m).all()
+    seq = lang.copy_train(rng, 300)
+    assert len(seq) == 300 and not qdata.answer_mask(np.asarray(seq)).any()
+    # each block is followed by its exact repeat
+    i, blocks = 1, 0
+    while qdata.DOT in seq[i:]:
+        j = seq.index(qdata.DOT, i)
+        n = j - i
+        if j + 1 + n > len(seq):
+            break
+        assert seq[j + 1 : j + 1 + n] == seq[i:j]
+        i, blocks = j + 2 + n, blocks + 1
+    assert blocks >= 1

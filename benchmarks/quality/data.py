@@ -134,67 +134,100 @@ class Language:
         raise AssertionError  # pragma: no cover
 
     # ---------------------------------------------------------------- training
-    def kv_train(self, rng: np.random.Generator, length: int, p_query: float = 0.4, p_pair: float = 0.45) -> List[int]:
-        """KV document with queries all along (training; denser in pairs and queries than evaluation)."""
-        n_pairs = min(length // 8 + 8, self.vocab.num_symbols)
-        keys = self.symbols(rng, n_pairs, 1)[:, 0]
-        vals = SYMBOL0 + rng.integers(0, self.vocab.num_symbols, size=(n_pairs, 2))
-        out, shown = [BOS], 0
+    def kv_table(self, rng: np.random.Generator, length: int):
+        """Keys and values of a kv document: distinct keys from the first half of the symbols, value
+        pairs from the second half, so a key never also occurs as a value (the lookup is unambiguous)."""
+        half = self.vocab.num_symbols // 2
+        n_pairs = min(length // 8 + 8, half)
+        keys = SYMBOL0 + rng.permutation(half)[:n_pairs]
+        vals = SYMBOL0 + half + rng.integers(0, self.vocab.num_symbols - half, size=(n_pairs, 2))
+        return keys, vals
+
+    def kv_train(self, rng: np.random.Generator, length: int, ask_from: float = 0.4) -> List[int]:
+        """KV document with queries (training). Pairs come all along; queries start after ``ask_from``
+        of the document and each asks a pair not asked before, drawn uniformly from the pairs shown so
+        far, so query distances spread over the whole context as in the evaluation. (With queries
+        from the start a model learns mostly short-range lookups, and with repeated queries it learns
+        to copy the earlier ``ASK k``'s answer instead of looking the pair up.)"""
+        keys, vals = self.kv_table(rng, length)
+        out, shown, fresh = [BOS], 0, []
         while len(out) < length:
+            asking = len(out) >= ask_from * length
+            p_query, p_pair = (0.45, 0.25) if asking else (0.0, 0.6)
             u = rng.random()
-            if shown and u < p_query:
-                j = int(rng.integers(0, shown))
+            if fresh and u < p_query:
+                j = fresh.pop(int(rng.integers(0, len(fresh))))
                 out += [ASK, int(keys[j]), *map(int, vals[j]), DOT]
-            elif u < p_query + p_pair and shown < n_pairs:
+            elif u < p_query + p_pair and shown < len(keys):
                 out += [KEY, int(keys[shown]), *map(int, vals[shown]), DOT]
+                fresh.append(shown)
                 shown += 1
             else:
                 out += self.sentence(rng, int(rng.integers(2, 9)))
         return out[:length]
 
-    def passkey_train(self, rng: np.random.Generator, length: int, p_needle: float = 0.12,
-                      p_query: float = 0.15) -> List[int]:
-        """Text with needles and passkey queries all along (training)."""
+    def passkey_train(self, rng: np.random.Generator, length: int, ask_from: float = 0.4) -> List[int]:
+        """Text with needles all along and passkey queries after ``ask_from`` of the document; each
+        needle is asked at most once (see ``kv_train``)."""
         entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
         n_needles = max(4, length // 64)
         names = self.symbols(rng, n_needles, 1)[:, 0]
         keys = DIGIT0 + rng.integers(0, 10, size=(n_needles, 5))
-        out, shown = [BOS], 0
+        out, shown, fresh = [BOS], 0, []
         segs = self._text_segments(rng, entities)
         while len(out) < length:
+            asking = len(out) >= ask_from * length
+            p_query, p_needle = (0.25, 0.06) if asking else (0.0, 0.15)
             u = rng.random()
-            if shown and u < p_query:
-                j = int(rng.integers(0, shown))
+            if fresh and u < p_query:
+                j = fresh.pop(int(rng.integers(0, len(fresh))))
                 out += [ASK, int(names[j]), *map(int, keys[j]), DOT]
             elif u < p_query + p_needle and shown < n_needles:
                 out += [NEEDLE, int(names[shown]), *map(int, keys[shown]), DOT]
+                fresh.append(shown)
                 shown += 1
             else:
                 out += next(segs)
         return out[:length]
 
-    def train_sequence(self, rng: np.random.Generator, length: int, mix=(1, 1, 1)) -> List[int]:
-        """One training sequence: text, kv or passkey, drawn with weights ``mix``."""
+    def copy_train(self, rng: np.random.Generator, length: int) -> List[int]:
+        """Blocks of random symbols, each followed by its exact repeat (``S block DOT block DOT``).
+
+        Every token of a repeat is predictable by induction (find the previous occurrence of the
+        current token, copy its successor), the mechanism kv and passkey recall are built on; with
+        it in the mix induction heads form within a few hundred steps instead of waiting on the
+        rare answer tokens. Block lengths vary up to half the sequence, so copy distances do too."""
+        out = [BOS]
+        while len(out) < length:
+            n = int(rng.integers(4, max(5, (length - len(out)) // 2)))
+            block = (SYMBOL0 + rng.integers(0, self.vocab.num_symbols, size=n)).tolist()
+            out += block + [DOT] + block + [DOT]
+        return out[:length]
+
+    def train_sequence(self, rng: np.random.Generator, length: int, mix=(1, 1, 1, 0)) -> List[int]:
+        """One training sequence: text, kv, passkey or copy, drawn with weights ``mix`` (3 or 4 of them)."""
         p = np.asarray(mix, dtype=float)
-        kind = int(rng.choice(3, p=p / p.sum()))
+        kind = int(rng.choice(len(p), p=p / p.sum()))
         if kind == 0:
             return self.text(rng, length)
         if kind == 1:
             return self.kv_train(rng, length)
-        return self.passkey_train(rng, length)
+        if kind == 2:
+            return self.passkey_train(rng, length)
+        return self.copy_train(rng, length)
 
     # -------------------------------------------------------------- evaluation
     def kv_eval(self, rng: np.random.Generator, length: int, p_query: float = 0.25) -> EvalSample:
         """A kv context of exactly ``length`` tokens ending in ``ASK k``; answer ``v1 v2``."""
-        n_pairs = min(length // 8 + 8, self.vocab.num_symbols)
-        keys = self.symbols(rng, n_pairs, 1)[:, 0]
-        vals = SYMBOL0 + rng.integers(0, self.vocab.num_symbols, size=(n_pairs, 2))
+        keys, vals = self.kv_table(rng, length)
+        n_pairs = len(keys)
         body_len = length - 2
         out, shown, starts = [BOS], 0, []
         while True:
             u = rng.random()
             if shown >= 2 and u < p_query:
                 # in-context queries ask odd-numbered pairs only: even ones stay fresh for the final query
+                # (odd ones may be asked twice here; the final query never is)
                 j = 2 * int(rng.integers(0, shown // 2)) + 1
                 seg = [ASK, int(keys[j]), *map(int, vals[j]), DOT]
             elif u < p_query + 0.45 and shown < n_pairs:
@@ -260,6 +293,24 @@ def text_set(lang: Language, length: int, n: int, seed: int) -> List[List[int]]:
     """``n`` held-out text documents of ``length`` tokens (perplexity)."""
     rng = np.random.default_rng([seed, 99, length])
     return [lang.text(rng, length) for _ in range(n)]
+
+
+def answer_mask(ids: np.ndarray) -> np.ndarray:
+    """Boolean mask of the answer tokens in ``[B, L]`` (or ``[L]``) token ids: the tokens after each
+    ``ASK x`` up to the next ``DOT`` (the value tokens of a kv query, the digits of a passkey query).
+
+    The training loss weights these up: they are the only tokens whose prediction needs long-range
+    recall, and they are a small share of the stream."""
+    ids = np.asarray(ids)
+    flat = ids.reshape(-1, ids.shape[-1])
+    out = np.zeros(flat.shape, dtype=bool)
+    for row, seq in enumerate(flat):
+        for j in np.flatnonzero(seq == ASK):
+            k = j + 2
+            while k < len(seq) and seq[k] != DOT:
+                out[row, k] = True
+                k += 1
+    return out.reshape(ids.shape)
 
 
 def train_batches(lang: Language, batch: int, length: int, seed: int, mix=(1, 1, 1)) -> Iterator[np.ndarray]:

@@ -28,6 +28,7 @@ numbers mean nothing). The defaults are sized for one H100, ~6 minutes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing as mp
@@ -57,27 +58,32 @@ import unigist  # noqa: E402
 # ---------------------------------------------------------------------------
 
 PRESETS = {
-    # 7.3M parameters (incl. 0.8M tied embeddings); one H100, bf16 autocast; ~6 minutes in all.
+    # 7.3M parameters (incl. 0.8M tied embeddings); one H100, bf16 autocast. Pretraining ~3.5 minutes
+    # (recall emerges at short lengths first, then the curriculum stretches it to 4096), fine-tuning
+    # ~1 minute for full attention and ~2 minutes per ratio, evaluation ~1.5 minutes.
     "default": dict(
-        vocab=2048, symbols=768, hidden=384, layers=4, heads=6, kv_heads=3, inter=1024,
-        train_len=4096, batch=8, steps=1600, lr=3e-3, train_seconds=120.0,
-        curriculum="128:0.3,256:0.15,512:0.15,1024:0.1,2048:0.15,4096:0.15", mix="1,2,2",
-        lengths=[512, 1024, 2048, 4096], n_eval=32, n_text=8, ppl_tokens=512, chunk=512,
-        window=256, sink=16, eval_batch=20,
+        vocab=2048, symbols=512, hidden=384, layers=4, heads=6, kv_heads=3, inter=1024,
+        train_len=4096, batch=8, steps=7000, lr=2e-3, train_seconds=210.0,
+        curriculum="256:0.45,512:0.15,1024:0.15,2048:0.1,4096:0.15", mix="1,3,2,2",
+        ft_steps=1500, ft_seconds=140.0, ft_lr=1e-3, ft_curriculum="2048:0.4,4096:0.6", answer_weight=5.0,
+        lengths=[512, 1024, 2048, 4096], n_eval=48, n_text=8, ppl_tokens=512, chunk=512,
+        window=256, sink=16, eval_batch=24,
     ),
-    # a small model on a CPU (2 cores: ~15 minutes), where associative recall does emerge
+    # a small model on a CPU (2 cores: ~20 minutes), contexts 64-256
     "small": dict(
         vocab=512, symbols=96, hidden=256, layers=2, heads=4, kv_heads=4, inter=512,
-        train_len=256, batch=8, steps=1500, lr=3e-3, train_seconds=420.0,
-        curriculum="64:0.5,128:0.25,256:0.25", mix="0,1,1",
+        train_len=256, batch=8, steps=2000, lr=3e-3, train_seconds=480.0,
+        curriculum="64:0.5,128:0.25,256:0.25", mix="0,3,2,2",
+        ft_steps=400, ft_seconds=200.0, ft_lr=1e-3, ft_curriculum="", answer_weight=5.0,
         lengths=[64, 128, 256], n_eval=32, n_text=8, ppl_tokens=64, chunk=32,
         window=32, sink=4, eval_batch=32,
     ),
     # seconds on a CPU; numbers meaningless, the pipeline is exercised end to end.
     "tiny": dict(
         vocab=512, symbols=96, hidden=128, layers=2, heads=2, kv_heads=1, inter=256,
-        train_len=256, batch=8, steps=60, lr=3e-3, train_seconds=20.0,
+        train_len=256, batch=8, steps=40, lr=3e-3, train_seconds=20.0,
         curriculum="128:0.5,256:0.5", mix="1,2,2",
+        ft_steps=20, ft_seconds=15.0, ft_lr=1e-3, ft_curriculum="", answer_weight=5.0,
         lengths=[128, 256], n_eval=8, n_text=4, ppl_tokens=64, chunk=64,
         window=32, sink=4, eval_batch=8,
     ),
@@ -97,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--wait-for", default=None, help="wait until this file exists before importing unigist "
                    "(lets the extension build while the full-attention model trains)")
     p.add_argument("--workers", type=int, default=None, help="data-generation processes")
+    p.add_argument("--save-base", default=None, help="save the pretrained base model here (bf16 state dict)")
+    p.add_argument("--load-base", default=None, help="skip pretraining: load the base model saved by --save-base")
+    p.add_argument("--base-only", action="store_true", help="stop after pretraining (and --save-base)")
     for k, v in PRESETS["default"].items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, list):
@@ -217,54 +226,85 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train(model, a, pool, device, name: str, gist_config=None) -> dict:
-    """Train on the shared stream; the gist models get the interleaved layout from unigist.GistCollator."""
-    collate = None
-    if gist_config is not None:
-        # unigist.gist_batch: the GistCollator's layout for an unpadded [B, L] batch, vectorized
-        collate = lambda raw: unigist.gist_batch(raw, gist_config)  # noqa: E731
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    schedule = parse_curriculum(a.curriculum, a.batch, a.train_len, a.steps)
-    stream = BatchStream(pool, a.seed, schedule, tuple(float(x) for x in a.mix.split(",")))
+def weighted_loss(logits, labels, weights):
+    """Next-token cross-entropy with per-token weights (``labels`` ``-100`` ignored), plus the
+    greedy accuracy on the tokens whose weight is above 1 (the answers: a free recall probe)."""
+    logits, labels, weights = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:]
+    valid = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+    w = weights * valid
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
+    ans = valid & (weights > 1)
+    hits = (logits.argmax(-1) == labels) & ans
+    return loss, hits.sum(), ans.sum()
+
+
+def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: float, curriculum: str,
+          seed: int, gist_config=None) -> dict:
+    """Train on the shared stream (seeded by ``seed``): raw batches for full attention, the
+    ``unigist.gist_batch`` (GistCollator) layout for gist models. The loss weights answer tokens by
+    ``--answer-weight``; their greedy accuracy is logged as a recall probe."""
+    from data import answer_mask
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    schedule = parse_curriculum(curriculum, a.batch, a.train_len, steps)
+    stream = BatchStream(pool, seed, schedule, tuple(float(x) for x in a.mix.split(",")))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    warm = max(10, a.steps // 30)
+    warm = max(10, steps // 30)
     model.train()
-    losses, t0, step, tokens_seen, phase_log = [], time.perf_counter(), 0, 0, {}
+    curve, t0, step, tokens_seen, phase_log = [], time.perf_counter(), 0, 0, {}
+    run_loss, run_hits, run_ans = [], 0, 0
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    while step < a.steps:
+    while step < steps:
         elapsed = time.perf_counter() - t0
-        if elapsed > a.train_seconds:
+        if elapsed > seconds:
             break
-        progress = max(step / a.steps, elapsed / a.train_seconds)
-        lr = a.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        progress = max(step / steps, elapsed / seconds)
+        lr_now = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
-            g["lr"] = lr
-        raw = torch.from_numpy(stream.get(max(step, int(progress * a.steps))))
-        if collate is None:
-            batch = {"input_ids": raw, "labels": raw}
+            g["lr"] = lr_now
+        raw_np = stream.get(max(step, int(progress * steps)))
+        raw = torch.from_numpy(raw_np)
+        w_raw = torch.from_numpy(np.where(answer_mask(raw_np), a.answer_weight, 1.0).astype(np.float32))
+        if gist_config is None:
+            batch = {"input_ids": raw, "position_ids": None}
+            labels, weights = raw, w_raw
         else:
-            batch = collate(raw)
+            batch = unigist.gist_batch(raw, gist_config)
+            labels = batch.pop("labels")
+            weights = torch.zeros(labels.shape, dtype=torch.float32)
+            weights[:, unigist.layout.raw_positions(raw.shape[1], gist_config)] = w_raw
         tokens_seen += raw.numel()
         phase_log[raw.shape[1]] = phase_log.get(raw.shape[1], 0) + 1
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
+        labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
         with autocast:
-            loss = model(**batch, use_cache=False).loss
+            logits = model(**batch, use_cache=False).logits
+        loss, hits, n_ans = weighted_loss(logits, labels, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 25 == 0 or step == a.steps - 1:
-            losses.append((step, float(loss.detach())))
-            if step % 100 == 0:
-                log(f"  {name} step {step} len {raw.shape[1]} loss {losses[-1][1]:.4f} lr {lr:.2e} "
-                    f"({time.perf_counter() - t0:.0f}s)")
+        if step % 10 == 0 or step == steps - 1:
+            run_loss.append(float(loss.detach()))
+            run_hits += int(hits)
+            run_ans += int(n_ans)
+        if step % 50 == 0 or step == steps - 1:
+            acc = run_hits / max(1, run_ans)
+            curve.append((step, round(float(np.mean(run_loss)), 4), round(acc, 4), raw.shape[1]))
+            if step % 100 == 0 or step == steps - 1:
+                log(f"  {name} step {step} len {raw.shape[1]} loss {curve[-1][1]:.4f} answer-acc {100 * acc:.1f}% "
+                    f"lr {lr_now:.2e} ({time.perf_counter() - t0:.0f}s)")
+            run_loss, run_hits, run_ans = [], 0, 0
         step += 1
     sync()
     dt = time.perf_counter() - t0
-    final = float(np.mean([l for _, l in losses[-4:]])) if losses else float("nan")
     info = dict(name=name, steps=step, seconds=round(dt, 1), raw_tokens=int(tokens_seen),
-                final_loss=round(final, 4), loss_curve=losses, steps_per_length=phase_log)
-    log(f"trained {name}: {step} steps in {dt:.0f}s ({info['raw_tokens'] / dt / 1e3:.0f}k raw tok/s), loss {final:.4f}")
+                final_loss=curve[-1][1] if curve else float("nan"),
+                final_answer_acc=curve[-1][2] if curve else float("nan"),
+                curve=curve, steps_per_length=phase_log)
+    log(f"trained {name}: {step} steps in {dt:.0f}s ({info['raw_tokens'] / dt / 1e3:.0f}k raw tok/s), "
+        f"loss {info['final_loss']:.4f}, answer-acc {100 * info['final_answer_acc']:.1f}%")
     model.eval()
     return info
 
@@ -572,16 +612,41 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     res["env"] = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__)
 
-    # ---- 1. full-attention model (needs no unigist) -------------------------------------------
-    log(f"device {dev_name}; training the full-attention model")
-    full = make_model(a, device)
+    # ---- 1. base model: full attention, from random init (needs no unigist) ---------------------
+    base = make_model(a, device)
     m = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-             inter=a.inter, vocab=a.vocab, params=n_params(full))
+             inter=a.inter, vocab=a.vocab, params=n_params(base))
     res["model"] = m
-    log(f"model: {m['params'] / 1e6:.2f}M parameters")
-    res["training"].append(train(full, a, pool, device, "full attention"))
+    log(f"device {dev_name}; model: {m['params'] / 1e6:.2f}M parameters")
+    if a.load_base:
+        saved = torch.load(a.load_base, map_location="cpu")
+        base.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
+        res["training"].append(saved["info"])
+        log(f"loaded the base model from {a.load_base} ({saved['info']['steps']} steps)")
+    else:
+        log("pretraining the base model (full attention)")
+        res["training"].append(train(base, a, pool, device, "base (full attention)", steps=a.steps,
+                                     seconds=a.train_seconds, lr=a.lr, curriculum=a.curriculum, seed=a.seed))
+    if a.save_base:
+        os.makedirs(os.path.dirname(os.path.abspath(a.save_base)), exist_ok=True)
+        torch.save({"state_dict": {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()},
+                    "info": res["training"][0], "args": vars(a)}, a.save_base)
+        log(f"saved the base model to {a.save_base}")
+    if a.base_only:
+        if pool is not None:
+            pool.terminate()
+        return res
 
-    # ---- 2. gist models --------------------------------------------------------------------------
+    # ---- 2. fine-tuning: copies of the base, with full attention and with unigist per ratio -------
+    # Same steps, data (seed + 1) and learning rate for every copy, so the full-attention model that
+    # the eviction baselines run on had exactly the training the gist models had.
+    def finetune(model, name, gist_config=None):
+        return train(model, a, pool, device, name, steps=a.ft_steps, seconds=a.ft_seconds, lr=a.ft_lr,
+                     curriculum=a.ft_curriculum, seed=a.seed + 1, gist_config=gist_config)
+
+    full = copy.deepcopy(base)
+    log("fine-tuning the full-attention copy")
+    res["training"].append(finetune(full, "full attention (fine-tuned)"))
     if a.wait_for:
         t = time.perf_counter()
         while not os.path.exists(a.wait_for):
@@ -589,7 +654,6 @@ def main(argv=None):
         log(f"waited {time.perf_counter() - t:.0f}s for {a.wait_for}")
     from unigist import GistConfig
 
-    patch_model = unigist.patch_model
     res["env"]["cuda_kernels"] = bool(unigist.has_cuda_kernels())
     if device.type == "cuda":
         res["env"]["gist_train_attention"] = ("unigist CUDA kernel (gist_attention_fwd/bwd)" if unigist.has_cuda_kernels()
@@ -598,11 +662,12 @@ def main(argv=None):
         res["env"]["gist_train_attention"] = "unigist CPU kernel"
     gist_models, gist_cfgs = {}, {}
     for r in a.ratios:
-        model = make_model(a, device)  # same init as the full model (same seed), plus the gist row
-        cfg = patch_model(model, None, GistConfig(ratio=r, window=a.window, num_sink=a.sink))
-        log(f"training unigist r={r} ({cfg})")
-        res["training"].append(train(model, a, pool, device, f"unigist r={r}", gist_config=cfg))
+        model = copy.deepcopy(base)
+        cfg = unigist.patch_model(model, None, GistConfig(ratio=r, window=a.window, num_sink=a.sink))
+        log(f"fine-tuning unigist r={r} ({cfg})")
+        res["training"].append(finetune(model, f"unigist r={r}", gist_config=cfg))
         gist_models[r], gist_cfgs[r] = model, cfg
+    del base
     if pool is not None:
         pool.terminate()
 
