@@ -35,8 +35,15 @@ template <int D>
 struct Sm90Fwd {
   static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
   static constexpr int BN = 128;  // keys per block
-  // 160 KB (D=128) / 112 KB (D=64) of K/V ring + Q: one CTA per SM.
-  static constexpr int STAGES = D == 64 ? 3 : 2;
+  // K/V ring depth; with Q: 160 KB (D=128, 2 stages) / 112 KB (D=64, 3 stages),
+  // one CTA per SM. UNIGIST_SM90_STAGES128 overrides D=128 for A/B runs.
+#ifndef UNIGIST_SM90_PINGPONG
+#define UNIGIST_SM90_PINGPONG 0
+#endif
+#ifndef UNIGIST_SM90_STAGES128
+#define UNIGIST_SM90_STAGES128 2
+#endif
+  static constexpr int STAGES = D == 64 ? 3 : UNIGIST_SM90_STAGES128;
   static constexpr int THREADS = 384;
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
@@ -196,17 +203,33 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
   };
 
+  // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
+  // issue GEMMs back and forth between the two consumers, so that one's GEMMs
+  // run while the other does its softmax instead of both contending at once.
+  constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
+  auto my_turn = [&] {
+    if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  };
+  auto your_turn = [&] {
+    if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+  };
+  if (wg == 1) your_turn();  // consumer 0 goes first
+
   mbar_wait(q_full, 0);
   if (nblocks > 0) {
     float alpha[2];
+    my_turn();
     issue_qk(0);
+    your_turn();
     wgmma_wait<0>();
     reg_fence(s);
     softmax(0, alpha);  // O is still zero: alpha not needed
     pack_all();
     for (int it = 1; it < nblocks; ++it) {
+      my_turn();
       issue_qk(it);
       issue_pv(it - 1);
+      your_turn();
       wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
       reg_fence(s);
       softmax(it, alpha);
@@ -223,7 +246,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       }
       pack_all();
     }
+    my_turn();
     issue_pv(nblocks - 1);
+    if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
     wgmma_wait<0>();
     reg_fence(o);
     release(nblocks - 1);
