@@ -35,13 +35,14 @@ template <int D>
 struct Sm90Fwd {
   static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
   static constexpr int BN = 128;  // keys per block
-  // K/V ring depth; with Q: 160 KB (D=128, 2 stages) / 112 KB (D=64, 3 stages),
-  // one CTA per SM. UNIGIST_SM90_STAGES128 overrides D=128 for A/B runs.
+  // K/V ring depth, 3 stages: with Q 225 KB at D=128 (of 227 KB), one CTA per
+  // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
+  // UNIGIST_SM90_STAGES128 / UNIGIST_SM90_PINGPONG exist for A/B builds.
 #ifndef UNIGIST_SM90_PINGPONG
 #define UNIGIST_SM90_PINGPONG 0
 #endif
 #ifndef UNIGIST_SM90_STAGES128
-#define UNIGIST_SM90_STAGES128 2
+#define UNIGIST_SM90_STAGES128 3
 #endif
   static constexpr int STAGES = D == 64 ? 3 : UNIGIST_SM90_STAGES128;
   static constexpr int THREADS = 384;
@@ -206,6 +207,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
   // issue GEMMs back and forth between the two consumers, so that one's GEMMs
   // run while the other does its softmax instead of both contending at once.
+  // Off: measured within noise of free-running consumers (NOTES.md v6).
   constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
   auto my_turn = [&] {
     if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
