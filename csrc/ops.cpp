@@ -37,6 +37,8 @@ TORCH_LIBRARY(unigist, m) {
       "gist_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int ratio, int window, int num_sink, float softmax_scale, "
       "int q_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // 90 or 80: the CUDA forward kernel in use for q's device; 0 on CPU.
+  m.def("gist_attention_fwd_arch(Tensor q) -> int");
   m.def(
       "evict_kv(Tensor(a!) key, Tensor(b!) value, Tensor(c!) positions, int length, "
       "int ratio, int window, int num_sink, int next_query) -> SymInt");
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(unigist, CPU, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cpu);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cpu);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cpu>);
+  m.impl("gist_attention_fwd_arch", [](const at::Tensor&) -> int64_t { return 0; });
 }
 
 #ifdef UNIGIST_WITH_CUDA
@@ -53,5 +56,6 @@ TORCH_LIBRARY_IMPL(unigist, CUDA, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cuda);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cuda);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cuda>);
+  m.impl("gist_attention_fwd_arch", &unigist::gist_attention_fwd_arch_cuda);
 }
 #endif

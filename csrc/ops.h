@@ -43,6 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
     int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
     int64_t q_offset);
 
+// Which forward kernel gist_attention_fwd runs for q's device right now: 90
+// (wgmma, sm_90a) or 80 (mma.sync); see UNIGIST_FORCE_SM80.
+int64_t gist_attention_fwd_arch_cuda(const at::Tensor& q);
+
 int64_t evict_kv_cuda(at::Tensor& key, at::Tensor& value, at::Tensor& positions,
                       int64_t length, int64_t ratio, int64_t window,
                       int64_t num_sink, int64_t next_query);

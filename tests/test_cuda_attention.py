@@ -260,3 +260,67 @@ def test_bad_inputs_raise():
             q, q, k, v, out, lse.double(), cfg.ratio, cfg.window, cfg.num_sink, 0.125, 0
         )
     )  # lse dtype
+
+
+# ---- both forward kernels: wgmma (sm_90a) and mma.sync -------------------
+# gist_attention_fwd runs the wgmma kernel on a compute-capability 9.0 GPU
+# unless UNIGIST_FORCE_SM80=1 (read on every call); the tests above run
+# whichever is the default, these run each explicitly.
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def fwd_path(request, monkeypatch):
+    monkeypatch.setenv("UNIGIST_FORCE_SM80", "1" if request.param == "sm80" else "0")
+    arch = torch.ops.unigist.gist_attention_fwd_arch(torch.empty(1, device="cuda"))
+    if request.param == "sm80":
+        assert arch == 80
+    elif torch.cuda.get_device_capability() != (9, 0):
+        assert arch == 80
+        pytest.skip("the wgmma forward needs a compute-capability 9.0 GPU")
+    else:
+        assert arch == 90, "cc 9.0 GPU but no sm_90a kernel in this build (TORCH_CUDA_ARCH_LIST without 9.0a?)"
+    return request.param
+
+
+def _poison_allocator(*shapes, dtype):
+    """Fill the caching allocator's free blocks with NaN so that an output
+    element a kernel fails to write shows up."""
+    junk = [torch.full(s, float("nan"), device="cuda", dtype=dtype) for s in shapes for _ in range(3)]
+    junk += [torch.full(s[:3], float("nan"), device="cuda") for s in shapes for _ in range(3)]
+    del junk
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_paths_match_reference(seed, fwd_path, case, d, dtype):
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    q, k, v = _inputs(2, 4, 2, nq, nk, d, dtype)  # GQA group 2
+    _poison_allocator(q.shape, dtype=dtype)
+    _check_fwd(q, k, v, cfg, off, FWD_TOL[dtype])
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_paths_long(seed, fwd_path, d, dtype):
+    """Default layout over many key blocks of every kind (sinks, packed gists,
+    window), a query chunk with q_offset, odd lengths, GQA 4."""
+    cfg = GistConfig()
+    q, k, v = _inputs(1, 4, 1, 1531, 5003, d, dtype)
+    _poison_allocator(q.shape, dtype=dtype)
+    _check_fwd(q, k, v, cfg, 5003 - 1531, FWD_TOL[dtype])
+
+
+def test_forward_paths_agree(seed, monkeypatch):
+    """The two kernels on the same inputs: equal up to bf16 rounding of P."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute-capability 9.0 GPU")
+    cfg = GistConfig(ratio=4, window=256, num_sink=64)
+    q, k, v = _inputs(1, 8, 2, 3001, 3001, 128, torch.bfloat16)
+    monkeypatch.setenv("UNIGIST_FORCE_SM80", "1")
+    out80, lse80 = _fwd_op(q, k, v, cfg, 0)
+    monkeypatch.setenv("UNIGIST_FORCE_SM80", "0")
+    out90, lse90 = _fwd_op(q, k, v, cfg, 0)
+    assert rel_err(out90, out80) < 5e-3
+    assert (lse90 - lse80).abs().max().item() < 1e-3

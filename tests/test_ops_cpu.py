@@ -186,3 +186,8 @@ def test_raw_op_rejects_bad_input_with_clear_message():
     with pytest.raises(RuntimeError, match="lse must be float32"):
         out, lse = op(q, k, v, 2, 4, 1, 0.3, 0)
         torch.ops.unigist.gist_attention_bwd(out, q, k, v, out, lse.double(), 2, 4, 1, 0.3, 0)
+
+
+def test_fwd_arch_op_on_cpu():
+    """gist_attention_fwd_arch names the CUDA forward kernel in use; 0 for CPU tensors."""
+    assert torch.ops.unigist.gist_attention_fwd_arch(torch.empty(1)) == 0

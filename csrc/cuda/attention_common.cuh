@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "layout.h"
@@ -184,6 +185,98 @@ __device__ __forceinline__ int key_position(const Layout32& l, int kind, int fir
   return kind == 1 ? l.gist_position(x) : x;
 }
 
+// ---- forward: mask and online softmax of one 16-row fragment -------------
+// A fragment is the mma.sync m16n8 accumulator layout repeated over NT key
+// tiles (the wgmma m64 accumulator is the same per warp): s[j][0..1] are row
+// r0 = lane / 4, key slots 8j + 2(lane % 4) + {0, 1}; s[j][2..3] row r0 + 8.
+// Both forward kernels use these, so they mask and normalize alike.
+
+// False when every (query, key) pair of key block (kind, first, end) of BN
+// slots is visible to every query of the tile [q_lo, q_hi].
+__device__ __forceinline__ bool block_needs_mask(const Layout32& l, int kind, int first, int end,
+                                                 int bn, int q_lo, int q_hi) {
+  if (kind == 1) return first + bn > end;
+  const int last = first + bn - 1;
+  return last >= end || last > q_lo || (kind == 0 ? false : q_hi - first >= l.window);
+}
+
+// Sets the invisible entries to -inf; qp0 = query position of row r0.
+template <int NT>
+__device__ __forceinline__ void mask_fragment(float (&s)[NT][4], const Layout32& l, int kind, int first,
+                                              int end, int qp0, int lane) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const bool ok = kp >= 0 && (kind == 1 || l.visible(qp0 + hr * 8, kp));
+        if (!ok) s[j][2 * hr + c] = -INFINITY;
+      }
+    }
+  }
+}
+
+// One online-softmax step in base 2 on scores s already multiplied by
+// scale * log2(e): updates the running max m and the thread-partial row sums
+// lsum, turns s into unnormalized probabilities and returns in alpha the
+// factor the running output must be scaled by.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2], float (&lsum)[2],
+                                               float (&alpha)[2]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+  }
+  float m_use[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    const float m_new = fmaxf(m[hr], mx[hr]);
+    // A row with nothing visible so far keeps m = -inf; exp2(-inf - 0) = 0.
+    m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hr] = exp2f(m[hr] - m_use[hr]);
+    m[hr] = m_new;
+    lsum[hr] *= alpha[hr];
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    s[j][0] = exp2f(s[j][0] - m_use[0]);
+    s[j][1] = exp2f(s[j][1] - m_use[0]);
+    s[j][2] = exp2f(s[j][2] - m_use[1]);
+    s[j][3] = exp2f(s[j][3] - m_use[1]);
+    lsum[0] += s[j][0] + s[j][1];
+    lsum[1] += s[j][2] + s[j][3];
+  }
+}
+
+// A-operand fragment (m16k16) of keys 16kk..16kk+15 from probabilities s.
+template <typename T, int NT>
+__device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[NT][4], int kk) {
+  using TT = TypeTraits<T>;
+  a[0] = TT::pack(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = TT::pack(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = TT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = TT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Full row sums (quad reduction), 1 / sum (0 for an empty row) and the
+// natural-log lse of a fragment's two rows.
+__device__ __forceinline__ void finish_rows(float (&lsum)[2], const float (&m)[2], float (&inv)[2],
+                                            float (&lse)[2]) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    lsum[hr] += __shfl_xor_sync(0xffffffffu, lsum[hr], 1);
+    lsum[hr] += __shfl_xor_sync(0xffffffffu, lsum[hr], 2);
+    inv[hr] = lsum[hr] > 0.f ? 1.f / lsum[hr] : 0.f;
+    lse[hr] = lsum[hr] > 0.f ? (m[hr] + log2f(lsum[hr])) * kLn2 : -INFINITY;
+  }
+}
+
 // Parameters shared by the forward and backward kernels. Tensors are
 // contiguous: q/out/dout [B, Hq, Nq, D], k/v [B, Hkv, Nk, D].
 struct AttnParams {
@@ -268,6 +361,12 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
   return c;
 }
+
+// The wgmma forward (attention_fwd_sm90.cu). use_sm90_fwd: the device is
+// compute capability 9.0, this build holds the sm_90a kernel (TORCH_CUDA_ARCH_LIST
+// had 9.0a) and UNIGIST_FORCE_SM80 is not "1".
+bool use_sm90_fwd(int device);
+void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
 // set over keys [0, nk) is unchanged.

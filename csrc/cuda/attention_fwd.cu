@@ -171,52 +171,15 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
     // Mask: only blocks that are not fully visible for every row of the tile.
     int kind, first, end;
     kb.block(it, BN, kind, first, end);
-    bool need_mask;
-    if (kind == 1) {
-      need_mask = first + BN > end;
-    } else {
-      const int last = first + BN - 1;
-      need_mask = last >= end || last > q_lo || (kind == 0 ? false : q_hi - first >= l.window);
-    }
-    if (need_mask) {
+    if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-              const int qp = q_lo + row0 + mt * 16 + hr * 8;
-              const bool ok = kp >= 0 && (kind == 1 || l.visible(qp, kp));
-              if (!ok) s[mt][j][2 * hr + c] = -INFINITY;
-            }
-          }
-        }
-      }
+      for (int mt = 0; mt < MT; ++mt) mask_fragment(s[mt], l, kind, first, end, q_lo + row0 + mt * 16, lane);
     }
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      // Online softmax (base 2).
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[mt][j][0], s[mt][j][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[mt][j][2], s[mt][j][3]));
-      }
-      float alpha[2], m_use[2];
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-        const float m_new = fmaxf(m_r[mt][hr], mx[hr]);
-        m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
-        alpha[hr] = exp2f(m_r[mt][hr] - m_use[hr]);
-        m_r[mt][hr] = m_new;
-        l_r[mt][hr] *= alpha[hr];
-      }
+      float alpha[2];
+      online_softmax(s[mt], m_r[mt], l_r[mt], alpha);
 #pragma unroll
       for (int i = 0; i < DT; ++i) {
         o[mt][i][0] *= alpha[0];
@@ -224,27 +187,13 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
         o[mt][i][2] *= alpha[1];
         o[mt][i][3] *= alpha[1];
       }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        s[mt][j][0] = exp2f(s[mt][j][0] - m_use[0]);
-        s[mt][j][1] = exp2f(s[mt][j][1] - m_use[0]);
-        s[mt][j][2] = exp2f(s[mt][j][2] - m_use[1]);
-        s[mt][j][3] = exp2f(s[mt][j][3] - m_use[1]);
-        l_r[mt][0] += s[mt][j][0] + s[mt][j][1];
-        l_r[mt][1] += s[mt][j][2] + s[mt][j][3];
-      }
     }
     // O += P V
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pf[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        pf[mt][0] = TT::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pf[mt][1] = TT::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pf[mt][2] = TT::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pf[mt][3] = TT::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      for (int mt = 0; mt < MT; ++mt) pack_p<T>(pf[mt], s[mt], kk);
 #pragma unroll
       for (int dd = 0; dd < DT / 2; ++dd) {
         uint32_t bf[4];
@@ -265,13 +214,8 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
   // write 16-byte chunks.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float inv[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      l_r[mt][hr] += __shfl_xor_sync(0xffffffffu, l_r[mt][hr], 1);
-      l_r[mt][hr] += __shfl_xor_sync(0xffffffffu, l_r[mt][hr], 2);
-      inv[hr] = l_r[mt][hr] > 0.f ? 1.f / l_r[mt][hr] : 0.f;
-    }
+    float inv[2], lse[2];
+    finish_rows(l_r[mt], m_r[mt], inv, lse);
     const int r0 = row0 + mt * 16;
 #pragma unroll
     for (int i = 0; i < DT; ++i) {
@@ -286,8 +230,7 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
       for (int hr = 0; hr < 2; ++hr) {
         const int r = r0 + hr * 8;
         if (r < rows_here) {
-          p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] =
-              l_r[mt][hr] > 0.f ? (m_r[mt][hr] + log2f(l_r[mt][hr])) * kLn2 : -INFINITY;
+          p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] = lse[hr];
         }
       }
     }
@@ -353,12 +296,20 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(const at::Tensor& q, 
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (D == 64) {
+  if (use_sm90_fwd(q.get_device())) {
+    launch_fwd_sm90(p, bf16, static_cast<int>(D), stream);
+  } else if (D == 64) {
     bf16 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__half, 64>(p, stream);
   } else {
     bf16 ? launch_fwd<__nv_bfloat16, 128>(p, stream) : launch_fwd<__half, 128>(p, stream);
   }
   return {out, lse};
+}
+
+int64_t gist_attention_fwd_arch_cuda(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "unigist.gist_attention_fwd_arch: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda_detail::use_sm90_fwd(q.get_device()) ? 90 : 80;
 }
 
 }  // namespace unigist

@@ -1,0 +1,343 @@
+// Gist attention forward for Hopper (sm_90a): the same key visit, masks and
+// outputs as gist_attn_fwd_kernel (attention_fwd.cu), with the two GEMMs on
+// warpgroup MMA (wgmma) instead of mma.sync.
+//
+// CTA = 3 warpgroups, warp-specialized as in FlashAttention-3:
+//   * warpgroup 0 (producer) gathers Q once and the K/V rows of each key
+//     block with cp.async into a ring of STAGES buffers. Gist rows are
+//     strided (position g * (ratio + 1) + ratio) and the three key ranges of
+//     KeyBlocks differ per block, so the gather keeps cp.async's per-row
+//     address arithmetic instead of a TMA tensor map. Each thread's copies
+//     complete on an mbarrier (cp.async.mbarrier.arrive.noinc), so no
+//     CTA-wide __syncthreads sits in the loop.
+//   * warpgroups 1 and 2 (consumers) own 64 query rows each (BM = 128) and
+//     run S = Q K^T (A and B from shared memory) and O += P V (P from
+//     registers, V read MN-major), with the online softmax in registers. The
+//     S GEMM of block j+1 and the P V GEMM of block j are in flight while
+//     the softmax of block j+1 runs, and the two consumers drift freely, so
+//     one's softmax overlaps the other's GEMMs.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "attention_common.cuh"
+#include "layout.h"
+#include "wgmma.cuh"
+
+namespace unigist {
+namespace cuda_detail {
+
+template <int D>
+struct Sm90Fwd {
+  static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
+  static constexpr int BN = 128;  // keys per block
+  // K/V ring depth, 3 stages: with Q 225 KB at D=128 (of 227 KB), one CTA per
+  // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
+  // UNIGIST_SM90_STAGES128 / UNIGIST_SM90_PINGPONG exist for A/B builds.
+#ifndef UNIGIST_SM90_PINGPONG
+#define UNIGIST_SM90_PINGPONG 0
+#endif
+#ifndef UNIGIST_SM90_STAGES128
+#define UNIGIST_SM90_STAGES128 3
+#endif
+  static constexpr int STAGES = D == 64 ? 3 : UNIGIST_SM90_STAGES128;
+  static constexpr int THREADS = 384;
+  static constexpr int Q_BYTES = BM * D * 2;
+  static constexpr int KV_BYTES = BN * D * 2;
+  static constexpr int NBARS = 1 + 3 * STAGES;
+  // + 1024: the dynamic smem base is rounded up to the 1024-byte alignment
+  // of the swizzle atoms.
+  static constexpr int SMEM = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + 8 * NBARS;
+  static constexpr int PRODUCER_REGS = 56;
+  static constexpr int CONSUMER_REGS = 224;  // 128 * 56 + 256 * 224 <= 64 K registers
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
+#if UNIGIST_SM90A
+  using namespace sm90;
+  using C = Sm90Fwd<D>;
+  constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
+  constexpr int NT = BN / 8;  // key tiles of S
+  constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of O
+  constexpr int KS = D / 16;  // k16 steps of Q K^T
+  constexpr int CPR = D / 8;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* sK = sQ + C::Q_BYTES;
+  unsigned char* sV = sK + STAGES * C::KV_BYTES;
+  const uint32_t bar0 = smem_u32(sV + STAGES * C::KV_BYTES);
+  const uint32_t q_full = bar0;
+  auto k_full = [&](int st) { return bar0 + 8 * (1 + st); };
+  auto v_full = [&](int st) { return bar0 + 8 * (1 + STAGES + st); };
+  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * STAGES + st); };
+
+  int blk, bh, nblk;
+  block_coords(p, blk, bh, nblk);
+  const int tile = nblk - 1 - blk;  // later tiles carry more work: start them first
+  const int b = bh / p.Hq, h = bh % p.Hq;
+  const int m0 = tile * BM;
+  const Layout32 l = p.l;
+  const int q_lo = p.q_offset + m0;
+  const int rows_here = min(BM, p.Nq - m0);
+  const int q_hi = q_lo + rows_here - 1;
+  KeyBlocks kb;
+  kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
+  const int nblocks = kb.total();
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 128);
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(k_full(st), 128);  // one cp.async arrival per producer thread
+      mbar_init(v_full(st), 128);
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    // ---- producer ----
+    reg_dealloc<C::PRODUCER_REGS>();
+    const int t = threadIdx.x;
+    const T* qg = static_cast<const T*>(p.q) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+    const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
+    const T* kg = static_cast<const T*>(p.k) + kv_off;
+    const T* vg = static_cast<const T*>(p.v) + kv_off;
+#pragma unroll
+    for (int i = 0; i < BM * CPR / 128; ++i) {
+      const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
+      const bool ok = r < rows_here;
+      cp_async16(sQ + sw128_offset<BM>(r, c), ok ? qg + static_cast<int64_t>(r) * D + c * 8 : qg, ok);
+    }
+    cp_async_arrive(q_full);
+    for (int it = 0; it < nblocks; ++it) {
+      const int st = it % STAGES;
+      if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
+      int kind, first, end;
+      kb.block(it, BN, kind, first, end);
+      // Rows past the block's end are zero-filled: masked in S, and a zero V
+      // row keeps 0 * garbage from turning into NaN. Partial unrolling: the
+      // producer runs on few registers (setmaxnreg below).
+#pragma unroll 4
+      for (int i = 0; i < BN * CPR / 128; ++i) {
+        const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
+        const int j = key_position(l, kind, first, end, r);
+        cp_async16(sK + st * C::KV_BYTES + sw128_offset<BN>(r, c),
+                   j >= 0 ? kg + static_cast<int64_t>(j) * D + c * 8 : kg, j >= 0);
+      }
+      cp_async_arrive(k_full(st));
+#pragma unroll 4
+      for (int i = 0; i < BN * CPR / 128; ++i) {
+        const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
+        const int j = key_position(l, kind, first, end, r);
+        cp_async16(sV + st * C::KV_BYTES + sw128_offset<BN>(r, c),
+                   j >= 0 ? vg + static_cast<int64_t>(j) * D + c * 8 : vg, j >= 0);
+      }
+      cp_async_arrive(v_full(st));
+    }
+    cp_async_wait<0>();
+  } else {
+    // ---- consumers ----
+    // (producer and consumers are the two branches of one if/else: setmaxnreg
+    // only takes effect in that shape)
+  reg_alloc<C::CONSUMER_REGS>();
+  using TT = TypeTraits<T>;
+  const int wg = threadIdx.x / 128 - 1;
+  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
+  const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
+  const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128;
+  const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float s[NT][4];
+  uint32_t pf[BN / 16][4];
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+
+  auto issue_qk = [&](int it) {
+    const int st = it % STAGES;
+    mbar_wait(k_full(st), (it / STAGES) & 1);
+    fence_proxy_async();
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
+      const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
+      wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int it) {
+    const int st = it % STAGES;
+    mbar_wait(v_full(st), (it / STAGES) & 1);
+    fence_proxy_async();
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = make_desc(v_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
+      wgmma_rs<1>(o, pf[kk], dv, 1, T{});
+    }
+    wgmma_commit();
+  };
+  auto release = [&](int it) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(it % STAGES));
+  };
+  auto softmax = [&](int it, float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+    int kind, first, end;
+    kb.block(it, BN, kind, first, end);
+    if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
+    online_softmax(s, m_r, l_r, alpha);
+  };
+  auto pack_all = [&] {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
+  };
+
+  // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
+  // issue GEMMs back and forth between the two consumers, so that one's GEMMs
+  // run while the other does its softmax instead of both contending at once.
+  // Off: measured within noise of free-running consumers (NOTES.md v6).
+  constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
+  auto my_turn = [&] {
+    if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  };
+  auto your_turn = [&] {
+    if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+  };
+  if (wg == 1) your_turn();  // consumer 0 goes first
+
+  mbar_wait(q_full, 0);
+  if (nblocks > 0) {
+    float alpha[2];
+    my_turn();
+    issue_qk(0);
+    your_turn();
+    wgmma_wait<0>();
+    reg_fence(s);
+    softmax(0, alpha);  // O is still zero: alpha not needed
+    pack_all();
+    for (int it = 1; it < nblocks; ++it) {
+      my_turn();
+      issue_qk(it);
+      issue_pv(it - 1);
+      your_turn();
+      wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
+      reg_fence(s);
+      softmax(it, alpha);
+      wgmma_wait<0>();
+      reg_fence(o);
+      reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
+      release(it - 1);
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+      }
+      pack_all();
+    }
+    my_turn();
+    issue_pv(nblocks - 1);
+    if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
+    wgmma_wait<0>();
+    reg_fence(o);
+    release(nblocks - 1);
+  }
+
+  // Epilogue: normalize; stage the warp's 16 rows in their own rows of sQ
+  // (no other warp reads them any more), then write 16-byte chunks.
+  float inv[2], lse[2];
+  finish_rows(l_r, m_r, inv, lse);
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0, i) + 4 * (lane & 3)) =
+        TT::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0 + 8, i) + 4 * (lane & 3)) =
+        TT::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
+  }
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = r0 + hr * 8;
+      if (r < rows_here) p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] = lse[hr];
+    }
+  }
+  __syncwarp();
+  T* og = static_cast<T*>(p.o) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+  const int wrow = wg * 64 + warp * 16;
+#pragma unroll
+  for (int i = 0; i < 16 * DT / 32; ++i) {
+    const int idx = lane + i * 32;
+    const int r = wrow + idx / DT, c = idx % DT;
+    if (r < rows_here) {
+      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(sQ + sw128_offset<BM>(r, c));
+    }
+  }
+  }
+#endif
+}
+
+// 1 when the code running on the device is the sm_90a pass (the kernel above
+// is real there and an empty stub in every other pass).
+__global__ void sm90_probe_kernel(int* flag) { *flag = UNIGIST_SM90A; }
+
+template <typename T, int D>
+void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
+  using C = Sm90Fwd<D>;
+  auto kernel = gist_attn_fwd_sm90_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+  const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool sm90_fwd_available(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  if (device < 0 || device >= kMaxDevices) return false;
+  int state = cache[device].load();
+  if (state == 0) {
+    cudaDeviceProp prop;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    bool ok = prop.major == 9 && prop.minor == 0;
+    if (ok) {
+      at::Tensor flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, device).dtype(at::kInt));
+      sm90_probe_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream(device)>>>(flag.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ok = flag.item<int>() == 1;
+    }
+    state = ok ? 2 : 1;
+    cache[device].store(state);
+  }
+  return state == 2;
+}
+
+bool use_sm90_fwd(int device) {
+  const char* force = std::getenv("UNIGIST_FORCE_SM80");
+  if (force != nullptr && std::strcmp(force, "1") == 0) return false;
+  return sm90_fwd_available(device);
+}
+
+void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
+  if (head_dim == 64) {
+    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 64>(p, stream) : launch_fwd_sm90_t<__half, 64>(p, stream);
+  } else {
+    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 128>(p, stream) : launch_fwd_sm90_t<__half, 128>(p, stream);
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace unigist

@@ -1,0 +1,130 @@
+// Hopper (sm_90a) primitives of the wgmma forward kernel: warpgroup MMA,
+// shared-memory matrix descriptors, mbarriers, cp.async completion on an
+// mbarrier, register reallocation. Everything is compiled only in the sm_90a
+// device pass (UNIGIST_SM90A); the host and sm_80 passes see empty stubs, so
+// the one source builds for "8.0;9.0a".
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define UNIGIST_SM90A 1
+#else
+#define UNIGIST_SM90A 0
+#endif
+
+namespace unigist {
+namespace sm90 {
+
+// ---- 128-byte swizzled tiles ----------------------------------------------
+// A tile of ROWS rows x D 16-bit elements is stored as D/64 "slabs" of
+// [ROWS][64] elements (128-byte rows); inside a slab the 16-byte chunk index
+// is XORed with row % 8. This is the canonical layout wgmma reads with
+// swizzle mode 128B: 8-row x 128-byte atoms, 1024 bytes each, so slab bases
+// must be 1024-byte aligned. Byte offset of chunk c (8 elements) of row r:
+template <int ROWS>
+__host__ __device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
+  return static_cast<uint32_t>((c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// Shared-memory matrix descriptor, swizzle 128B. lbo/sbo in bytes.
+//   K-major operand (rows are M or N, 64 K-elements per slab row): sbo =
+//   1024 (next 8 rows), lbo unused; a k16 step moves the start by 32 bytes
+//   inside the slab, a new slab every 4 steps.
+//   MN-major operand (rows are K, 64 MN-elements per slab row; V in P V):
+//   lbo = slab stride (next 64 MN elements), sbo = 1024 (next 8 K rows); a
+//   k16 step moves the start by 16 rows = 2048 bytes.
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+  d |= static_cast<uint64_t>(1) << 62;  // swizzle 128B
+  return d;
+}
+
+#if UNIGIST_SM90A
+
+// ---- warpgroup MMA ----------------------------------------------------------
+// Accumulator fragment of m64nN (f32): warp w of the warpgroup holds rows
+// 16w..16w+15; d[j][0..1] = row lane/4, cols 8j + 2(lane%4) + {0,1};
+// d[j][2..3] = the same cols of row lane/4 + 8 (the mma.sync m16n8 C layout
+// repeated over N/8 tiles). A from registers uses the mma.sync A layout.
+#include "wgmma_ops.inc"
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of a register that an
+// in-flight wgmma owns across the wgmma_wait / issue that guards it.
+__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void reg_fence(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+template <int A, int B>
+__device__ __forceinline__ void reg_fence(float (&x)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j) reg_fence(x[i][j]);
+}
+template <int A, int B>
+__device__ __forceinline__ void reg_fence(uint32_t (&x)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j) reg_fence(x[i][j]);
+}
+
+// cp.async writes through the generic proxy, wgmma reads through the async
+// proxy: order them after the data is known to have landed.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- mbarriers ----------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One arrival on `bar` once every cp.async this thread issued so far has
+// landed (the barrier's expected count includes it: .noinc).
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void reg_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void reg_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+#endif  // UNIGIST_SM90A
+
+}  // namespace sm90
+}  // namespace unigist
