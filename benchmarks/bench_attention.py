@@ -19,8 +19,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import unigist
-from unigist import GistConfig
+# runnable from a source checkout without installing (python benchmarks/bench_attention.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import unigist  # noqa: E402
+from unigist import GistConfig  # noqa: E402
 
 try:
     from triton.testing import do_bench as _do_bench
@@ -88,7 +90,7 @@ def write_table(rows, args, H, D, final=False):
         "# Gist attention speed",
         "",
         f"- device: {torch.cuda.get_device_name()}",
-        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- B=1, H={H}, D={D}, bf16, window {args.window}, {args.sinks} sinks; times are medians in ms "
         "(triton.testing.do_bench); all columns measured in this run",
         "- TFLOP/s count only the mask's non-zeros: 4*D*nnz per head forward, 3.5x that for forward+backward",

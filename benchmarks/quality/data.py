@@ -143,12 +143,15 @@ class Language:
         vals = SYMBOL0 + half + rng.integers(0, self.vocab.num_symbols - half, size=(n_pairs, 2))
         return keys, vals
 
-    def kv_train(self, rng: np.random.Generator, length: int, ask_from: float = 0.4) -> List[int]:
+    def kv_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None) -> List[int]:
         """KV document with queries (training). Pairs come all along; queries start after ``ask_from``
-        of the document and each asks a pair not asked before, drawn uniformly from the pairs shown so
-        far, so query distances spread over the whole context as in the evaluation. (With queries
-        from the start a model learns mostly short-range lookups, and with repeated queries it learns
-        to copy the earlier ``ASK k``'s answer instead of looking the pair up.)"""
+        of the document (default: uniform in [0, 0.6) per document) and each asks a pair not asked
+        before, drawn uniformly from the pairs shown so far. Documents that ask from the start give
+        many short lookups (the signal that makes recall emerge); the others spread query distances
+        over the whole context, as in the evaluation. (With queries from the start only, a model
+        learned lookups within ~128 tokens; with repeated queries, it learned to copy the earlier
+        ``ASK k``'s answer instead of looking the pair up.)"""
+        ask_from = float(rng.uniform(0.0, 0.6)) if ask_from is None else ask_from
         keys, vals = self.kv_table(rng, length)
         out, shown, fresh = [BOS], 0, []
         while len(out) < length:
@@ -166,9 +169,10 @@ class Language:
                 out += self.sentence(rng, int(rng.integers(2, 9)))
         return out[:length]
 
-    def passkey_train(self, rng: np.random.Generator, length: int, ask_from: float = 0.4) -> List[int]:
+    def passkey_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None) -> List[int]:
         """Text with needles all along and passkey queries after ``ask_from`` of the document; each
         needle is asked at most once (see ``kv_train``)."""
+        ask_from = float(rng.uniform(0.0, 0.6)) if ask_from is None else ask_from
         entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
         n_needles = max(4, length // 64)
         names = self.symbols(rng, n_needles, 1)[:, 0]
