@@ -469,20 +469,30 @@ def write_report(res: dict, a, out_dir: str, cmd: str) -> None:
     L.append(f"- Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
              f"unigist CUDA kernels: {env.get('cuda_kernels')}; training attention for the gist models: "
              f"{env.get('gist_train_attention')}; UniGist evaluation path: {env.get('gist_eval_path', 'unigist.generate')}.")
-    L.append(f"- Command: `{cmd}`")
+    note = (" (run in two calls here, to fit a 10-minute device limit: the same command with `--base-only "
+            "--save-base base.pt`, then with `--load-base base.pt`)") if a.load_base else ""
+    L.append(f"- Command: `{cmd}`{note}")
     L.append(f"- Seeds: model init + training data `--seed {a.seed}`, evaluation data `--eval-seed {a.eval_seed}`; "
              f"grammar seed {res['grammar_seed']} (fixed). Total wall time {res.get('wall_seconds', 0):.0f} s.")
     m = res["model"]
     L.append(f"- Model: Llama ({m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads / {m['kv_heads']} KV heads, "
              f"head dim {m['head_dim']}, MLP {m['inter']}, vocab {m['vocab']} (+1 gist), tied embeddings): "
              f"{m['params'] / 1e6:.1f}M parameters, random init.")
-    L.append(f"- Training (same token stream for every model: text/kv/passkey mixed {a.mix}; {a.steps} steps of "
-             f"{a.batch * a.train_len} raw tokens, length curriculum `{a.curriculum}` (length:fraction of steps) ending "
-             f"at {a.train_len}; AdamW lr {a.lr}, warmup + cosine, bf16 autocast on GPU; a model that runs past "
-             f"{a.train_seconds:.0f} s moves through the curriculum by time and stops there):")
+    L.append(f"- Training, stage 1 (pretraining one base model with full attention from random init): text/kv/"
+             f"passkey/copy mixed {a.mix}; {a.steps} steps of {a.batch * a.train_len} raw tokens, length curriculum "
+             f"`{a.curriculum}` (length:fraction of steps) ending at {a.train_len}; AdamW lr {a.lr}, warmup + cosine, "
+             f"bf16 autocast on GPU, loss weight {a.answer_weight} on answer tokens; capped at {a.train_seconds:.0f} s "
+             f"(past the cap the curriculum moves on by time and training stops).")
+    L.append(f"- Training, stage 2 (fine-tuning copies of the base on the same stream, seed + 1, same steps for every "
+             f"copy): full attention, and unigist per ratio (`unigist.patch_model` + `unigist.gist_batch` layout, "
+             f"chunk-free through the gist kernel); {a.ft_steps} steps, lr {a.ft_lr}, curriculum "
+             f"`{a.ft_curriculum or a.train_len}`, capped at {a.ft_seconds:.0f} s. Answer accuracy is the greedy "
+             f"teacher-forced accuracy on the answer tokens of the last training batches (a recall probe):")
     for t in res["training"]:
+        acc = t.get("final_answer_acc")
+        acc = "" if acc is None else f", answer accuracy {100 * acc:.1f}%"
         L.append(f"  - {t['name']}: {t['steps']} steps, {t['raw_tokens'] / 1e6:.1f}M raw tokens, {t['seconds']} s, "
-                 f"final train loss {t['final_loss']} (steps per length: {t['steps_per_length']})")
+                 f"final train loss {t['final_loss']}{acc} (steps per length: {t['steps_per_length']})")
     L.append(f"- UniGist layout: window {a.window} positions, {a.sink} sink positions, ratios {a.ratios}; chunked "
              f"prefill in chunks of {a.chunk} positions for every method (baselines: {a.chunk} raw tokens), "
              f"eviction after every chunk.")
@@ -570,7 +580,8 @@ def write_report(res: dict, a, out_dir: str, cmd: str) -> None:
     ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"UniGist vs. same-budget eviction: {res['model']['params'] / 1e6:.0f}M Llama trained from scratch "
+    fig.suptitle(f"UniGist vs. same-budget eviction: {res['model']['params'] / 1e6:.0f}M Llama, pretrained from scratch, "
+                 f"fine-tuned per method "
                  f"({res['env']['device']}; solid: r=4 budget, dashed: r=8 budget)", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(os.path.join(out_dir, "quality.png"), dpi=110)
@@ -585,13 +596,14 @@ def write_report(res: dict, a, out_dir: str, cmd: str) -> None:
 def main(argv=None):
     a = parse_args(argv)
     t_start = time.perf_counter()
-    # the reproducing command: every flag that changes the numbers (not --out / --wait-for / --workers)
+    # the reproducing command: every flag that changes the numbers (not --out / --wait-for / --workers,
+    # nor the base checkpoint's path: saving and reloading it changes nothing)
     given, keep, skip = list(sys.argv[1:] if argv is None else argv), [], False
     for x in given:
         if skip:
             skip = False
             continue
-        if x in ("--out", "--wait-for", "--workers"):
+        if x in ("--out", "--wait-for", "--workers", "--save-base", "--load-base"):
             skip = True
             continue
         keep.append(x)

@@ -145,147 +145,147 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     // ---- consumers ----
     // (producer and consumers are the two branches of one if/else: setmaxnreg
     // only takes effect in that shape)
-  reg_alloc<C::CONSUMER_REGS>();
-  using TT = TypeTraits<T>;
-  const int wg = threadIdx.x / 128 - 1;
-  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
-  const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
-  const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128;
-  const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+    reg_alloc<C::CONSUMER_REGS>();
+    using TT = TypeTraits<T>;
+    const int wg = threadIdx.x / 128 - 1;
+    const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
+    const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
+    const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128;
+    const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
 
-  float o[DT][4];
+    float o[DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float s[NT][4];
-  uint32_t pf[BN / 16][4];
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float s[NT][4];
+    uint32_t pf[BN / 16][4];
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
 
-  auto issue_qk = [&](int it) {
-    const int st = it % STAGES;
-    mbar_wait(k_full(st), (it / STAGES) & 1);
-    fence_proxy_async();
-    wgmma_fence();
+    auto issue_qk = [&](int it) {
+      const int st = it % STAGES;
+      mbar_wait(k_full(st), (it / STAGES) & 1);
+      fence_proxy_async();
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
-      const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-      wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
-    }
-    wgmma_commit();
-  };
-  auto issue_pv = [&](int it) {
-    const int st = it % STAGES;
-    mbar_wait(v_full(st), (it / STAGES) & 1);
-    fence_proxy_async();
-    wgmma_fence();
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
+        const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
+        wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
+      }
+      wgmma_commit();
+    };
+    auto issue_pv = [&](int it) {
+      const int st = it % STAGES;
+      mbar_wait(v_full(st), (it / STAGES) & 1);
+      fence_proxy_async();
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint64_t dv = make_desc(v_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
-      wgmma_rs<1>(o, pf[kk], dv, 1, T{});
-    }
-    wgmma_commit();
-  };
-  auto release = [&](int it) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty(it % STAGES));
-  };
-  auto softmax = [&](int it, float (&alpha)[2]) {
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const uint64_t dv = make_desc(v_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
+        wgmma_rs<1>(o, pf[kk], dv, 1, T{});
+      }
+      wgmma_commit();
+    };
+    auto release = [&](int it) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(it % STAGES));
+    };
+    auto softmax = [&](int it, float (&alpha)[2]) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
-    int kind, first, end;
-    kb.block(it, BN, kind, first, end);
-    if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
-    online_softmax(s, m_r, l_r, alpha);
-  };
-  auto pack_all = [&] {
+        for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+      int kind, first, end;
+      kb.block(it, BN, kind, first, end);
+      if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
+      online_softmax(s, m_r, l_r, alpha);
+    };
+    auto pack_all = [&] {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
-  };
+      for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
+    };
 
-  // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
-  // issue GEMMs back and forth between the two consumers, so that one's GEMMs
-  // run while the other does its softmax instead of both contending at once.
-  // Off: measured within noise of free-running consumers (NOTES.md v6).
-  constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
-  auto my_turn = [&] {
-    if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
-  };
-  auto your_turn = [&] {
-    if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
-  };
-  if (wg == 1) your_turn();  // consumer 0 goes first
+    // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
+    // issue GEMMs back and forth between the two consumers, so that one's GEMMs
+    // run while the other does its softmax instead of both contending at once.
+    // Off: measured within noise of free-running consumers (NOTES.md v6).
+    constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
+    auto my_turn = [&] {
+      if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+    };
+    auto your_turn = [&] {
+      if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+    };
+    if (wg == 1) your_turn();  // consumer 0 goes first
 
-  mbar_wait(q_full, 0);
-  if (nblocks > 0) {
-    float alpha[2];
-    my_turn();
-    issue_qk(0);
-    your_turn();
-    wgmma_wait<0>();
-    reg_fence(s);
-    softmax(0, alpha);  // O is still zero: alpha not needed
-    pack_all();
-    for (int it = 1; it < nblocks; ++it) {
+    mbar_wait(q_full, 0);
+    if (nblocks > 0) {
+      float alpha[2];
       my_turn();
-      issue_qk(it);
-      issue_pv(it - 1);
+      issue_qk(0);
       your_turn();
-      wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
+      wgmma_wait<0>();
       reg_fence(s);
-      softmax(it, alpha);
+      softmax(0, alpha);  // O is still zero: alpha not needed
+      pack_all();
+      for (int it = 1; it < nblocks; ++it) {
+        my_turn();
+        issue_qk(it);
+        issue_pv(it - 1);
+        your_turn();
+        wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
+        reg_fence(s);
+        softmax(it, alpha);
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
+        release(it - 1);
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+          o[i][0] *= alpha[0];
+          o[i][1] *= alpha[0];
+          o[i][2] *= alpha[1];
+          o[i][3] *= alpha[1];
+        }
+        pack_all();
+      }
+      my_turn();
+      issue_pv(nblocks - 1);
+      if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
       wgmma_wait<0>();
       reg_fence(o);
-      reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
-      release(it - 1);
-#pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        o[i][0] *= alpha[0];
-        o[i][1] *= alpha[0];
-        o[i][2] *= alpha[1];
-        o[i][3] *= alpha[1];
-      }
-      pack_all();
+      release(nblocks - 1);
     }
-    my_turn();
-    issue_pv(nblocks - 1);
-    if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
-    wgmma_wait<0>();
-    reg_fence(o);
-    release(nblocks - 1);
-  }
 
-  // Epilogue: normalize; stage the warp's 16 rows in their own rows of sQ
-  // (no other warp reads them any more), then write 16-byte chunks.
-  float inv[2], lse[2];
-  finish_rows(l_r, m_r, inv, lse);
+    // Epilogue: normalize; stage the warp's 16 rows in their own rows of sQ
+    // (no other warp reads them any more), then write 16-byte chunks.
+    float inv[2], lse[2];
+    finish_rows(l_r, m_r, inv, lse);
 #pragma unroll
-  for (int i = 0; i < DT; ++i) {
-    *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0, i) + 4 * (lane & 3)) =
-        TT::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0 + 8, i) + 4 * (lane & 3)) =
-        TT::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
-  }
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = r0 + hr * 8;
-      if (r < rows_here) p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] = lse[hr];
+    for (int i = 0; i < DT; ++i) {
+      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0, i) + 4 * (lane & 3)) =
+          TT::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0 + 8, i) + 4 * (lane & 3)) =
+          TT::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
     }
-  }
-  __syncwarp();
-  T* og = static_cast<T*>(p.o) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
-  const int wrow = wg * 64 + warp * 16;
+    if ((lane & 3) == 0) {
 #pragma unroll
-  for (int i = 0; i < 16 * DT / 32; ++i) {
-    const int idx = lane + i * 32;
-    const int r = wrow + idx / DT, c = idx % DT;
-    if (r < rows_here) {
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(sQ + sw128_offset<BM>(r, c));
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = r0 + hr * 8;
+        if (r < rows_here) p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] = lse[hr];
+      }
     }
-  }
+    __syncwarp();
+    T* og = static_cast<T*>(p.o) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+    const int wrow = wg * 64 + warp * 16;
+#pragma unroll
+    for (int i = 0; i < 16 * DT / 32; ++i) {
+      const int idx = lane + i * 32;
+      const int r = wrow + idx / DT, c = idx % DT;
+      if (r < rows_here) {
+        *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * D + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + sw128_offset<BM>(r, c));
+      }
+    }
   }
 #endif
 }
