@@ -194,3 +194,29 @@ def test_answer_mask_batch_and_copy_task(lang, seed):
         assert seq[j + 1 : j + 1 + n] == seq[i:j]
         i, blocks = j + 2 + n, blocks + 1
     assert blocks >= 1
+
+
+@pytest.mark.parametrize("ratio", [None, 3])
+def test_probe_predictions_match_generation(lang, ratio, seed):
+    """The training-time recall probe reads the logits at the right positions: its first predicted
+    answer token equals unigist.generate's (or a plain greedy step's) on the same model."""
+    import argparse
+
+    import run_quality as rq
+
+    a = argparse.Namespace(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv_heads=2, train_len=256, seed=seed)
+    torch.manual_seed(seed)
+    model = rq.make_model(a, torch.device("cpu")).float().eval()
+    cfg = None
+    if ratio is not None:
+        cfg = unigist.patch_model(model, None, GistConfig(ratio=ratio, window=8, num_sink=2))
+    samples = qdata.eval_set(lang, "passkey", 45, 6, seed)
+    pred = rq.answer_predictions(model, samples, torch.device("cpu"), cfg)
+    assert pred.shape == (6, 5)
+    for s, p in zip(samples, pred):
+        if cfg is None:
+            first = int(model(torch.tensor([s.prompt])).logits[0, -1].argmax())
+        else:
+            first = unigist.generate(model, torch.tensor(s.prompt), max_new_tokens=1, chunk_size=16,
+                                     progress=False, eos_token_id=[]).ids[0]
+        assert int(p[0]) == int(first)

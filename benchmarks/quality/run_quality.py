@@ -106,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--save-base", default=None, help="save the pretrained base model here (bf16 state dict)")
     p.add_argument("--load-base", default=None, help="skip pretraining: load the base model saved by --save-base")
     p.add_argument("--base-only", action="store_true", help="stop after pretraining (and --save-base)")
+    p.add_argument("--probe-every", type=int, default=500, help="held-out recall probe every N training steps (0: off)")
+    p.add_argument("--probe-len", type=int, default=1024, help="context length of the probe (at most the training length)")
+    p.add_argument("--probe-samples", type=int, default=32, help="probe samples per task")
     for k, v in PRESETS["default"].items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, list):
@@ -239,11 +242,50 @@ def weighted_loss(logits, labels, weights):
     return loss, hits.sum(), ans.sum()
 
 
+@torch.no_grad()
+def answer_predictions(model, samples, device, gist_config=None) -> torch.Tensor:
+    """Greedy, teacher-forced predictions ``[n, len(answer)]`` of each sample's answer, in one
+    chunk-free forward over ``prompt + answer[:-1]`` (for gist models over the interleaved layout
+    through the gist attention, which equals compressed generation). Samples share one length."""
+    from unigist.layout import raw_positions
+
+    length, n_ans = len(samples[0].prompt), len(samples[0].answer)
+    raw = torch.tensor([s.prompt + s.answer[:-1] for s in samples])
+    # the logits that predict raw token j sit one position before it (a gist's, after a full group)
+    if gist_config is None:
+        batch, pos = {"input_ids": raw}, torch.arange(raw.shape[1] + 1)
+    else:
+        batch = unigist.gist_batch(raw, gist_config)
+        batch.pop("labels")
+        pos = raw_positions(raw.shape[1] + 1, gist_config)
+    pos = pos[length : length + n_ans] - 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+    return logits[:, pos.to(device)].argmax(-1).cpu()
+
+
+def probe_recall(model, lang, length: int, a, device, gist_config=None) -> dict:
+    """Held-out recall probe: exact match of ``answer_predictions`` on ``--probe-samples`` evaluation
+    samples per task of ``length`` tokens. Unlike the training answer accuracy, it asks pairs never
+    asked before at evaluation distances: the number the evaluation will report."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task in TASKS:
+        samples = eval_set(lang, task, length, a.probe_samples, a.eval_seed + 17)
+        pred = answer_predictions(model, samples, device, gist_config)
+        out[task] = float((pred == torch.tensor([s.answer for s in samples])).all(dim=1).float().mean())
+    model.train(was_training)
+    return out
+
+
 def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: float, curriculum: str,
-          seed: int, gist_config=None) -> dict:
+          seed: int, gist_config=None, lang=None) -> dict:
     """Train on the shared stream (seeded by ``seed``): raw batches for full attention, the
     ``unigist.gist_batch`` (GistCollator) layout for gist models. The loss weights answer tokens by
-    ``--answer-weight``; their greedy accuracy is logged as a recall probe."""
+    ``--answer-weight``; their greedy accuracy is logged, and every ``--probe-every`` steps the
+    held-out final-query probe (``probe_recall``) at the current length (at most ``--probe-len``)."""
     from data import answer_mask
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
@@ -254,6 +296,15 @@ def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: 
     model.train()
     curve, t0, step, tokens_seen, phase_log = [], time.perf_counter(), 0, 0, {}
     run_loss, run_hits, run_ans = [], 0, 0
+    probes = []
+
+    def probe(at_step, train_len):
+        n_probe = min(train_len, a.probe_len)
+        pr = probe_recall(model, lang, n_probe, a, device, gist_config)
+        probes.append((at_step, n_probe, round(pr["kv"], 4), round(pr["passkey"], 4)))
+        log(f"  {name} step {at_step} held-out recall @ {n_probe} tokens: kv {100 * pr['kv']:.0f}% "
+            f"passkey {100 * pr['passkey']:.0f}%")
+
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     while step < steps:
         elapsed = time.perf_counter() - t0
@@ -296,13 +347,17 @@ def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: 
                 log(f"  {name} step {step} len {raw.shape[1]} loss {curve[-1][1]:.4f} answer-acc {100 * acc:.1f}% "
                     f"lr {lr_now:.2e} ({time.perf_counter() - t0:.0f}s)")
             run_loss, run_hits, run_ans = [], 0, 0
+        if lang is not None and a.probe_every > 0 and step % a.probe_every == a.probe_every - 1:
+            probe(step, raw.shape[1])
         step += 1
+    if lang is not None and a.probe_every > 0 and step > 0 and (not probes or probes[-1][0] != step - 1):
+        probe(step - 1, raw.shape[1])
     sync()
     dt = time.perf_counter() - t0
     info = dict(name=name, steps=step, seconds=round(dt, 1), raw_tokens=int(tokens_seen),
                 final_loss=curve[-1][1] if curve else float("nan"),
                 final_answer_acc=curve[-1][2] if curve else float("nan"),
-                curve=curve, steps_per_length=phase_log)
+                curve=curve, probes=probes, steps_per_length=phase_log)
     log(f"trained {name}: {step} steps in {dt:.0f}s ({info['raw_tokens'] / dt / 1e3:.0f}k raw tok/s), "
         f"loss {info['final_loss']:.4f}, answer-acc {100 * info['final_answer_acc']:.1f}%")
     model.eval()
@@ -487,10 +542,14 @@ def write_report(res: dict, a, out_dir: str, cmd: str) -> None:
              f"copy): full attention, and unigist per ratio (`unigist.patch_model` + `unigist.gist_batch` layout, "
              f"chunk-free through the gist kernel); {a.ft_steps} steps, lr {a.ft_lr}, curriculum "
              f"`{a.ft_curriculum or a.train_len}`, capped at {a.ft_seconds:.0f} s. Answer accuracy is the greedy "
-             f"teacher-forced accuracy on the answer tokens of the last training batches (a recall probe):")
+             f"teacher-forced accuracy on the answer tokens of the last training batches; held-out final-query "
+             f"recall is `probe_recall` (fresh final queries at evaluation distances, teacher-forced) at the end:")
     for t in res["training"]:
         acc = t.get("final_answer_acc")
         acc = "" if acc is None else f", answer accuracy {100 * acc:.1f}%"
+        if t.get("probes"):
+            at, n, kv, pk = t["probes"][-1]
+            acc += f", held-out final-query recall at {n} tokens kv {100 * kv:.0f}% / passkey {100 * pk:.0f}%"
         L.append(f"  - {t['name']}: {t['steps']} steps, {t['raw_tokens'] / 1e6:.1f}M raw tokens, {t['seconds']} s, "
                  f"final train loss {t['final_loss']}{acc} (steps per length: {t['steps_per_length']})")
     L.append(f"- UniGist layout: window {a.window} positions, {a.sink} sink positions, ratios {a.ratios}; chunked "
@@ -638,7 +697,8 @@ def main(argv=None):
     else:
         log("pretraining the base model (full attention)")
         res["training"].append(train(base, a, pool, device, "base (full attention)", steps=a.steps,
-                                     seconds=a.train_seconds, lr=a.lr, curriculum=a.curriculum, seed=a.seed))
+                                     seconds=a.train_seconds, lr=a.lr, curriculum=a.curriculum, seed=a.seed,
+                                     lang=lang))
     if a.save_base:
         os.makedirs(os.path.dirname(os.path.abspath(a.save_base)), exist_ok=True)
         torch.save({"state_dict": {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()},
@@ -654,7 +714,7 @@ def main(argv=None):
     # the eviction baselines run on had exactly the training the gist models had.
     def finetune(model, name, gist_config=None):
         return train(model, a, pool, device, name, steps=a.ft_steps, seconds=a.ft_seconds, lr=a.ft_lr,
-                     curriculum=a.ft_curriculum, seed=a.seed + 1, gist_config=gist_config)
+                     curriculum=a.ft_curriculum, seed=a.seed + 1, gist_config=gist_config, lang=lang)
 
     full = copy.deepcopy(base)
     log("fine-tuning the full-attention copy")
