@@ -220,3 +220,27 @@ def test_probe_predictions_match_generation(lang, ratio, seed):
             first = unigist.generate(model, torch.tensor(s.prompt), max_new_tokens=1, chunk_size=16,
                                      progress=False, eos_token_id=[]).ids[0]
         assert int(p[0]) == int(first)
+
+
+def test_weighted_loss_matches_cross_entropy_and_weights_answers(seed):
+    import run_quality as rq
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 9, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 9), generator=g)
+    labels[0, 4] = -100
+    ones = torch.ones(3, 9)
+    answers = torch.zeros(3, 9, dtype=torch.bool)
+    loss, hits, n = rq.weighted_loss(logits, labels, ones, answers)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, ref, atol=1e-6) and int(n) == 0
+    # weight 5 on two answer tokens = those tokens counted five times
+    answers[1, 3] = answers[2, 7] = True
+    w = torch.where(answers, 5.0, 1.0)
+    loss_w, hits, n = rq.weighted_loss(logits, labels, w, answers)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
+    valid = labels[:, 1:] != -100
+    ref_w = (ce * w[:, 1:] * valid).sum() / (w[:, 1:] * valid).sum()
+    assert torch.allclose(loss_w, ref_w, atol=1e-6) and int(n) == 2
+    pred = logits[:, :-1].argmax(-1)
+    assert int(hits) == int((pred[1, 2] == labels[1, 3])) + int((pred[2, 6] == labels[2, 7]))

@@ -5,24 +5,28 @@ same-budget KV eviction loses?
 End to end, with no downloads:
 
 1. a fixed synthetic language plus long-context recall tasks (``data.py``);
-2. three small Llama models (``transformers.LlamaForCausalLM``, random init),
-   trained on the same token stream: one with full causal attention, and one
-   per gist ratio (default r=4 and r=8) patched with ``unigist.patch_model`` and
-   trained chunk-free on ``unigist.GistCollator`` batches;
+2. one small Llama model (``transformers.LlamaForCausalLM``, random init)
+   pretrained with full causal attention (stage 1), then copies of it
+   fine-tuned on the same stream for the same steps (stage 2): one with full
+   attention, and one per gist ratio (default r=4 and r=8) patched with
+   ``unigist.patch_model`` and trained chunk-free on ``unigist.gist_batch``
+   (``GistCollator`` layout) batches - the paper's setting;
 3. evaluation at several context lengths of
    * recall accuracy (greedy exact match of the answer) on key-value retrieval
      and multi-needle passkey,
    * perplexity on held-out text (last ``--ppl-tokens`` tokens of each document),
    for: full attention (no budget); UniGist compressed generation
    (``unigist.generate``: chunked prefill, real eviction); and training-free
-   eviction on the full-attention model (``baselines.py``: StreamingLLM,
-   SnapKV chunked, SnapKV one-shot) given exactly UniGist's KV entries.
+   eviction on the fine-tuned full-attention model (``baselines.py``:
+   StreamingLLM, SnapKV chunked, SnapKV one-shot) given exactly UniGist's KV
+   entries.
 4. ``quality.md`` (tables, command, device, seeds), ``quality.png`` and
    ``quality.json`` under ``--out``.
 
 ``python benchmarks/quality/run_quality.py --tiny --device cpu`` runs the whole
 pipeline in a minute or two on a CPU with a tiny model (a smoke run: the
-numbers mean nothing). The defaults are sized for one H100, ~6 minutes.
+numbers mean nothing). The defaults are sized for one H100, ~11 minutes
+(``--base-only --save-base`` / ``--load-base`` split it in two runs).
 """
 
 from __future__ import annotations
@@ -229,15 +233,15 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def weighted_loss(logits, labels, weights):
+def weighted_loss(logits, labels, weights, answers):
     """Next-token cross-entropy with per-token weights (``labels`` ``-100`` ignored), plus the
-    greedy accuracy on the tokens whose weight is above 1 (the answers: a free recall probe)."""
-    logits, labels, weights = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:]
+    greedy hits and count on the ``answers`` tokens (a free recall probe)."""
+    logits, labels, weights, answers = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:], answers[:, 1:]
     valid = labels != -100
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
     w = weights * valid
     loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
-    ans = valid & (weights > 1)
+    ans = valid & answers
     hits = (logits.argmax(-1) == labels) & ans
     return loss, hits.sum(), ans.sum()
 
@@ -316,22 +320,25 @@ def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: 
             g["lr"] = lr_now
         raw_np = stream.get(max(step, int(progress * steps)))
         raw = torch.from_numpy(raw_np)
-        w_raw = torch.from_numpy(np.where(answer_mask(raw_np), a.answer_weight, 1.0).astype(np.float32))
+        ans_raw = torch.from_numpy(answer_mask(raw_np))
+        w_raw = torch.where(ans_raw, a.answer_weight, 1.0)
         if gist_config is None:
             batch = {"input_ids": raw, "position_ids": None}
-            labels, weights = raw, w_raw
+            labels, weights, answers = raw, w_raw, ans_raw
         else:
             batch = unigist.gist_batch(raw, gist_config)
             labels = batch.pop("labels")
+            at = unigist.layout.raw_positions(raw.shape[1], gist_config)
             weights = torch.zeros(labels.shape, dtype=torch.float32)
-            weights[:, unigist.layout.raw_positions(raw.shape[1], gist_config)] = w_raw
+            answers = torch.zeros(labels.shape, dtype=torch.bool)
+            weights[:, at], answers[:, at] = w_raw, ans_raw
         tokens_seen += raw.numel()
         phase_log[raw.shape[1]] = phase_log.get(raw.shape[1], 0) + 1
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
-        labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+        labels, weights, answers = (t.to(device, non_blocking=True) for t in (labels, weights, answers))
         with autocast:
             logits = model(**batch, use_cache=False).logits
-        loss, hits, n_ans = weighted_loss(logits, labels, weights)
+        loss, hits, n_ans = weighted_loss(logits, labels, weights, answers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
