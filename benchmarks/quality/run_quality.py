@@ -233,6 +233,11 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def bf16_autocast(device):
+    """bf16 autocast on a GPU (training and probes); plain float32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
 def weighted_loss(logits, labels, weights, answers):
     """Next-token cross-entropy with per-token weights (``labels`` ``-100`` ignored), plus the
     greedy hits and count on the ``answers`` tokens (a free recall probe)."""
@@ -263,7 +268,7 @@ def answer_predictions(model, samples, device, gist_config=None) -> torch.Tensor
         batch.pop("labels")
         pos = raw_positions(raw.shape[1] + 1, gist_config)
     pos = pos[length : length + n_ans] - 1
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = bf16_autocast(device)
     with autocast:
         logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
     return logits[:, pos.to(device)].argmax(-1).cpu()
@@ -295,7 +300,7 @@ def train(model, a, pool, device, name: str, *, steps: int, seconds: float, lr: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     schedule = parse_curriculum(curriculum, a.batch, a.train_len, steps)
     stream = BatchStream(pool, seed, schedule, tuple(float(x) for x in a.mix.split(",")))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = bf16_autocast(device)
     warm = max(10, steps // 30)
     model.train()
     curve, t0, step, tokens_seen, phase_log = [], time.perf_counter(), 0, 0, {}
