@@ -9,23 +9,26 @@ A tokenizer-free integer vocabulary:
   whose successor table is drawn once from ``GRAMMAR_SEED`` (so every model and
   every evaluation sees the same language).
 
-Three kinds of sequences:
+Four kinds of training sequences (recall is evaluated on kv and passkey, perplexity on text):
 
 * **text**: sentences of the Markov language, with *entity mentions*
   ``ENT s1 s2 s3``: each document has a few entities; after an entity's first
   mention its 2nd and 3rd symbols are predictable only by recalling the earlier
   mention (long-range signal for perplexity).
-* **kv** (key-value retrieval): pairs ``KEY k v1 v2 DOT`` (one every ~11
-  tokens) between short sentences; a query ``ASK k`` is answered ``v1 v2``.
+* **kv** (key-value retrieval): pairs ``KEY k v1 v2 DOT`` between short
+  sentences; a query ``ASK k`` is answered ``v1 v2`` (keys and values come from
+  disjoint halves of the symbols).
 * **passkey** (multi-needle passkey): text with needles ``NEEDLE n d d d d d DOT``;
   ``ASK n`` is answered with the five digits of needle ``n``.
+* **copy**: blocks of random symbols, each followed by its repeat (training only).
 
 Keys and needle names are single symbols, distinct within a sequence, and the
 answer directly follows the queried symbol, as after its first occurrence: the
 retrieval is the classic induction / associative-recall pattern.
 
-Training sequences carry queries all along (dense recall supervision);
-evaluation samples are a context of exactly ``length`` raw tokens that ends with
+Training sequences carry many queries, each about a pair / needle not asked
+before, starting after a random fraction of the document (dense recall
+supervision at all distances); evaluation samples are a context of exactly ``length`` raw tokens that ends with
 a query about a pair / needle never asked before, plus the answer tokens.
 """
 
@@ -198,9 +201,9 @@ class Language:
         """Blocks of random symbols, each followed by its exact repeat (``S block DOT block DOT``).
 
         Every token of a repeat is predictable by induction (find the previous occurrence of the
-        current token, copy its successor), the mechanism kv and passkey recall are built on; with
-        it in the mix induction heads form within a few hundred steps instead of waiting on the
-        rare answer tokens. Block lengths vary up to half the sequence, so copy distances do too."""
+        current token, copy its successor), the mechanism kv and passkey recall are built on, so
+        the copy task gives that mechanism a dense training signal where the answer tokens are
+        rare. Block lengths vary up to half the sequence, so copy distances do too."""
         out = [BOS]
         while len(out) < length:
             n = int(rng.integers(4, max(5, (length - len(out)) // 2)))
