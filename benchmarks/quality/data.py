@@ -156,21 +156,9 @@ class Language:
         ``ASK k``'s answer instead of looking the pair up.)"""
         ask_from = float(rng.uniform(0.0, 0.6)) if ask_from is None else ask_from
         keys, vals = self.kv_table(rng, length)
-        out, shown, fresh = [BOS], 0, []
-        while len(out) < length:
-            asking = len(out) >= ask_from * length
-            p_query, p_pair = (0.45, 0.25) if asking else (0.0, 0.6)
-            u = rng.random()
-            if fresh and u < p_query:
-                j = fresh.pop(int(rng.integers(0, len(fresh))))
-                out += [ASK, int(keys[j]), *map(int, vals[j]), DOT]
-            elif u < p_query + p_pair and shown < len(keys):
-                out += [KEY, int(keys[shown]), *map(int, vals[shown]), DOT]
-                fresh.append(shown)
-                shown += 1
-            else:
-                out += self.sentence(rng, int(rng.integers(2, 9)))
-        return out[:length]
+        return self._fresh_queries(
+            rng, length, ask_from, KEY, keys, vals, rates_asking=(0.45, 0.25), rates_before=(0.0, 0.6),
+            filler=lambda: self.sentence(rng, int(rng.integers(2, 9))))
 
     def passkey_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None) -> List[int]:
         """Text with needles all along and passkey queries after ``ask_from`` of the document; each
@@ -180,21 +168,30 @@ class Language:
         n_needles = max(4, length // 64)
         names = self.symbols(rng, n_needles, 1)[:, 0]
         keys = DIGIT0 + rng.integers(0, 10, size=(n_needles, 5))
-        out, shown, fresh = [BOS], 0, []
         segs = self._text_segments(rng, entities)
+        return self._fresh_queries(
+            rng, length, ask_from, NEEDLE, names, keys, rates_asking=(0.25, 0.06), rates_before=(0.0, 0.15),
+            filler=lambda: next(segs))
+
+    @staticmethod
+    def _fresh_queries(rng, length, ask_from, marker, names, answers, rates_asking, rates_before, filler):
+        """The training document shared by kv and passkey: ``marker name answer... DOT`` items shown
+        in order, ``ASK name answer... DOT`` queries each about an item shown and not asked before,
+        and ``filler()`` segments. ``rates_*`` are the per-segment probabilities of (query, new
+        item) after / before ``ask_from`` of the document."""
+        out, shown, fresh = [BOS], 0, []
         while len(out) < length:
-            asking = len(out) >= ask_from * length
-            p_query, p_needle = (0.25, 0.06) if asking else (0.0, 0.15)
+            p_query, p_item = rates_asking if len(out) >= ask_from * length else rates_before
             u = rng.random()
             if fresh and u < p_query:
                 j = fresh.pop(int(rng.integers(0, len(fresh))))
-                out += [ASK, int(names[j]), *map(int, keys[j]), DOT]
-            elif u < p_query + p_needle and shown < n_needles:
-                out += [NEEDLE, int(names[shown]), *map(int, keys[shown]), DOT]
+                out += [ASK, int(names[j]), *map(int, answers[j]), DOT]
+            elif u < p_query + p_item and shown < len(names):
+                out += [marker, int(names[shown]), *map(int, answers[shown]), DOT]
                 fresh.append(shown)
                 shown += 1
             else:
-                out += next(segs)
+                out += filler()
         return out[:length]
 
     def copy_train(self, rng: np.random.Generator, length: int) -> List[int]:
