@@ -213,15 +213,6 @@ def test_misaligned_storage_offset(seed):
         assert rel_err(got, want) < BWD_TOL[torch.bfloat16]
 
 
-def test_custom_scale(seed):
-    cfg = GistConfig(ratio=4, window=64, num_sink=8)
-    q, k, v = _inputs(1, 2, 2, 300, 300, 64, torch.bfloat16)
-    out, lse = _fwd_op(q, k, v, cfg, 0, scale=0.3)
-    ref, ref_lse = gist_attention_reference(q, k, v, cfg, softmax_scale=0.3, return_lse=True)
-    assert rel_err(out, ref) < FWD_TOL[torch.bfloat16]
-    assert (lse - ref_lse).abs().max().item() < 1e-3
-
-
 def test_cuda_matches_cpu_kernel(seed):
     cfg = GistConfig(ratio=2, window=30, num_sink=5)
     q, k, v = _inputs(1, 4, 2, 150, 150, 64, torch.bfloat16)
@@ -310,6 +301,20 @@ def test_forward_paths_long(seed, fwd_path, d, dtype):
     q, k, v = _inputs(1, 4, 1, 1531, 5003, d, dtype)
     _poison_allocator(q.shape, dtype=dtype)
     _check_fwd(q, k, v, cfg, 5003 - 1531, FWD_TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.2, 0.0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_forward_paths_custom_scale(seed, fwd_path, scale, d):
+    """The raw op takes any finite softmax_scale: the kernels fold a positive one
+    into the exponent and multiply first otherwise (-inf * 0 and max vs min)."""
+    cfg = GistConfig(ratio=4, window=64, num_sink=8)
+    q, k, v = _inputs(1, 2, 2, 300, 300, d, torch.bfloat16)
+    _poison_allocator(q.shape, dtype=q.dtype)
+    out, lse = _fwd_op(q, k, v, cfg, 0, scale=scale)
+    ref, ref_lse = gist_attention_reference(q, k, v, cfg, softmax_scale=scale, return_lse=True)
+    assert rel_err(out, ref) < FWD_TOL[torch.bfloat16]
+    assert (lse - ref_lse).abs().max().item() < 1e-3
 
 
 def test_forward_paths_agree(seed, monkeypatch):

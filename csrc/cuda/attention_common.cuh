@@ -218,13 +218,30 @@ __device__ __forceinline__ void mask_fragment(float (&s)[NT][4], const Layout32&
   }
 }
 
-// One online-softmax step in base 2 on scores s already multiplied by
-// scale * log2(e): updates the running max m and the thread-partial row sums
-// lsum, turns s into unnormalized probabilities and returns in alpha the
-// factor the running output must be scaled by.
+// Scores enter the softmax raw (Q K^T) with the factor scale = softmax_scale *
+// log2(e) folded into the exponent's FFMA (max taken on the raw scores), which
+// saves one FMUL per score. That needs scale > 0 (-inf * 0 is NaN, and a
+// negative factor turns the max into a min): otherwise the scores are
+// multiplied first (before masking, so masked entries are -inf) and the
+// softmax runs with scale 1. Returns the scale to pass on.
 template <int NT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2], float (&lsum)[2],
-                                               float (&alpha)[2]) {
+__device__ __forceinline__ float prescale_unless_positive(float (&s)[NT][4], float scale) {
+  if (scale > 0.f) return scale;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] *= scale;
+  return 1.f;
+}
+
+// One online-softmax step in base 2 on raw scores s (scale > 0, see
+// prescale_unless_positive): updates the running max m (in scaled units) and the
+// thread-partial row sums lsum, turns s into unnormalized probabilities
+// exp2(s * scale - m) and returns in alpha the factor the running output must
+// be scaled by.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float scale, float (&m)[2],
+                                               float (&lsum)[2], float (&alpha)[2]) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -236,7 +253,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2],
   for (int hr = 0; hr < 2; ++hr) {
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-    const float m_new = fmaxf(m[hr], mx[hr]);
+    const float m_new = fmaxf(m[hr], mx[hr] * scale);
     // A row with nothing visible so far keeps m = -inf; exp2(-inf - 0) = 0.
     m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
     alpha[hr] = exp2f(m[hr] - m_use[hr]);
@@ -245,10 +262,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2],
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    s[j][0] = exp2f(s[j][0] - m_use[0]);
-    s[j][1] = exp2f(s[j][1] - m_use[0]);
-    s[j][2] = exp2f(s[j][2] - m_use[1]);
-    s[j][3] = exp2f(s[j][3] - m_use[1]);
+    s[j][0] = exp2f(fmaf(s[j][0], scale, -m_use[0]));
+    s[j][1] = exp2f(fmaf(s[j][1], scale, -m_use[0]));
+    s[j][2] = exp2f(fmaf(s[j][2], scale, -m_use[1]));
+    s[j][3] = exp2f(fmaf(s[j][3], scale, -m_use[1]));
     lsum[0] += s[j][0] + s[j][1];
     lsum[1] += s[j][2] + s[j][3];
   }

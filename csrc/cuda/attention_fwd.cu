@@ -161,12 +161,9 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
         }
       }
     }
+    float scale = p.scale_log2;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] *= p.scale_log2;
+    for (int mt = 0; mt < MT; ++mt) scale = prescale_unless_positive(s[mt], p.scale_log2);
 
     // Mask: only blocks that are not fully visible for every row of the tile.
     int kind, first, end;
@@ -179,7 +176,7 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float alpha[2];
-      online_softmax(s[mt], m_r[mt], l_r[mt], alpha);
+      online_softmax(s[mt], scale, m_r[mt], l_r[mt], alpha);
 #pragma unroll
       for (int i = 0; i < DT; ++i) {
         o[mt][i][0] *= alpha[0];
@@ -289,14 +286,20 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(const at::Tensor& q, 
   p.Nq = static_cast<int>(Nq);
   p.Nk = static_cast<int>(k.size(2));
   p.q_offset = static_cast<int>(q_offset);
-  p.head_fast = 1;  // heads along x: measured faster than tiles along x (benchmarks/NOTES.md v4)
+  // Grid order. The wgmma forward runs one CTA per SM, and with heads along x
+  // the ~130 resident CTAs belong to 32+ heads whose gist rows (3.3 MB of K/V
+  // per head at 32k) overflow L2 (ncu: 53% hit rate, 41% of DRAM bandwidth);
+  // tiles along x keeps them on one or two heads: 5.6 -> 5.1 ms at 32k r=4
+  // (NOTES.md v7). The mma.sync kernel measured no gain from it (v4).
+  const bool sm90 = use_sm90_fwd(q.get_device());
+  p.head_fast = sm90 ? 0 : 1;
   p.l = clamp_layout(ratio, window, num_sink, k.size(2));
   p.scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (use_sm90_fwd(q.get_device())) {
+  if (sm90) {
     launch_fwd_sm90(p, bf16, static_cast<int>(D), stream);
   } else if (D == 64) {
     bf16 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__half, 64>(p, stream);

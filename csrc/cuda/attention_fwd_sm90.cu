@@ -6,10 +6,10 @@
 //   * warpgroup 0 (producer) gathers Q once and the K/V rows of each key
 //     block with cp.async into a ring of STAGES buffers. Gist rows are
 //     strided (position g * (ratio + 1) + ratio) and the three key ranges of
-//     KeyBlocks differ per block, so the gather keeps cp.async's per-row
-//     address arithmetic instead of a TMA tensor map. Each thread's copies
-//     complete on an mbarrier (cp.async.mbarrier.arrive.noinc), so no
-//     CTA-wide __syncthreads sits in the loop.
+//     KeyBlocks differ per block, so the gather is cp.async with a constant
+//     per-thread stride inside each block rather than a TMA tensor map. Each
+//     thread's copies complete on an mbarrier (cp.async.mbarrier.arrive.noinc),
+//     so no CTA-wide __syncthreads sits in the loop.
 //   * warpgroups 1 and 2 (consumers) own 64 query rows each (BM = 128) and
 //     run S = Q K^T (A and B from shared memory) and O += P V (P from
 //     registers, V read MN-major), with the online softmax in registers. The
@@ -115,29 +115,36 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       cp_async16(sQ + sw128_offset<BM>(r, c), ok ? qg + static_cast<int64_t>(r) * D + c * 8 : qg, ok);
     }
     cp_async_arrive(q_full);
+    // Thread t copies chunk c of rows r_first + RS * i of every K/V block.
+    // Inside a block the rows are consecutive keys (sink / window) or gists
+    // ratio + 1 positions apart, so a thread's source address moves by a
+    // constant step and its swizzled destination by RS rows (RS is a multiple
+    // of 8, which keeps the XOR pattern): no per-row layout math.
+    constexpr int RS = 128 / CPR;
+    constexpr int NCOPY = BN / RS;
+    const int c = t % CPR, r_first = t / CPR;
+    const uint32_t dst0 = sw128_offset<BN>(r_first, c);
+    auto gather = [&](unsigned char* dst, const T* src, int64_t off, int64_t step, int nvalid) {
+      // Rows past the block's end are zero-filled: masked in S, and a zero V
+      // row keeps 0 * garbage from turning into NaN.
+#pragma unroll
+      for (int i = 0; i < NCOPY; ++i) {
+        const bool ok = RS * i < nvalid;
+        cp_async16(dst + dst0 + RS * 128 * i, ok ? src + off + step * i : src, ok);
+      }
+    };
     for (int it = 0; it < nblocks; ++it) {
       const int st = it % STAGES;
       if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
-      // Rows past the block's end are zero-filled: masked in S, and a zero V
-      // row keeps 0 * garbage from turning into NaN. Partial unrolling: the
-      // producer runs on few registers (setmaxnreg below).
-#pragma unroll 4
-      for (int i = 0; i < BN * CPR / 128; ++i) {
-        const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
-        const int j = key_position(l, kind, first, end, r);
-        cp_async16(sK + st * C::KV_BYTES + sw128_offset<BN>(r, c),
-                   j >= 0 ? kg + static_cast<int64_t>(j) * D + c * 8 : kg, j >= 0);
-      }
+      const int x0 = first + r_first;
+      const int64_t pos = kind == 1 ? static_cast<int64_t>(x0) * (l.ratio + 1) + l.ratio : x0;
+      const int64_t off = pos * D + c * 8;
+      const int64_t step = static_cast<int64_t>(kind == 1 ? l.ratio + 1 : 1) * RS * D;
+      gather(sK + st * C::KV_BYTES, kg, off, step, end - x0);
       cp_async_arrive(k_full(st));
-#pragma unroll 4
-      for (int i = 0; i < BN * CPR / 128; ++i) {
-        const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
-        const int j = key_position(l, kind, first, end, r);
-        cp_async16(sV + st * C::KV_BYTES + sw128_offset<BN>(r, c),
-                   j >= 0 ? vg + static_cast<int64_t>(j) * D + c * 8 : vg, j >= 0);
-      }
+      gather(sV + st * C::KV_BYTES, vg, off, step, end - x0);
       cp_async_arrive(v_full(st));
     }
     cp_async_wait<0>();
@@ -190,14 +197,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       if (lane == 0) mbar_arrive(empty(it % STAGES));
     };
     auto softmax = [&](int it, float (&alpha)[2]) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+      const float scale = prescale_unless_positive(s, p.scale_log2);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
       if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
-      online_softmax(s, m_r, l_r, alpha);
+      online_softmax(s, scale, m_r, l_r, alpha);
     };
     auto pack_all = [&] {
 #pragma unroll

@@ -4,12 +4,14 @@ relative error against the float64 reference per path, shape and dtype.
 
 import math
 import os
+import sys
 
 import torch
 
-import unigist  # noqa: F401  (loads the ops)
-from unigist import GistConfig
-from unigist.reference import gist_attention_reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import unigist  # noqa: E402,F401  (loads the ops)
+from unigist import GistConfig  # noqa: E402
+from unigist.reference import gist_attention_reference  # noqa: E402
 
 
 def rel(a, b):
