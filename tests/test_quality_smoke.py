@@ -244,3 +244,54 @@ def test_weighted_loss_matches_cross_entropy_and_weights_answers(seed):
     assert torch.allclose(loss_w, ref_w, atol=1e-6) and int(n) == 2
     pred = logits[:, :-1].argmax(-1)
     assert int(hits) == int((pred[1, 2] == labels[1, 3])) + int((pred[2, 6] == labels[2, 7]))
+
+
+def _query_distances(seq, marker):
+    """(distance from the queried item's marker to the ``ASK``) for every query in ``seq``."""
+    start, out = {}, []
+    for i, t in enumerate(seq[:-1]):
+        if t == marker:
+            start.setdefault(seq[i + 1], i)
+        elif t == qdata.ASK:
+            out.append(i - start[seq[i + 1]])
+    return out
+
+
+@pytest.mark.parametrize("task", ["kv", "passkey"])
+def test_distance_bound_is_honoured(task, seed):
+    """With ``max_distance`` every training query's item starts at most that many tokens before the
+    ``ASK`` (and queries stay fresh); without it the same generator does ask beyond the bound, and
+    the bounded documents still carry many queries (default-sized vocabulary: with few symbols the
+    pairs run out before the bound lets them be asked)."""
+    lang = qdata.Language(qdata.Vocab(2048, 512))
+    marker = qdata.KEY if task == "kv" else qdata.NEEDLE
+    gen = lang.kv_train if task == "kv" else lang.passkey_train
+    bound = 48
+    bounded, free = [], []
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        seq = gen(rng, 1024, max_distance=bound)
+        asked = [seq[j + 1] for j in range(len(seq) - 1) if seq[j] == qdata.ASK]
+        assert len(asked) == len(set(asked)), "a query repeats an earlier one"
+        bounded += _query_distances(seq, marker)
+        free += _query_distances(gen(rng, 1024), marker)
+    assert bounded and max(bounded) <= bound
+    assert max(bounded) > bound // 2, "the bound is reached, not just respected"
+    assert max(free) > 4 * bound and np.median(free) > np.median(bounded)
+    assert len(bounded) >= len(free) / 4, "the bound keeps much of the supervision"
+    # train_sequence / train_batches pass the bound through
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        seq = lang.train_sequence(rng, 512, (0, 1, 1, 0), max_distance=bound)
+        m = qdata.KEY if qdata.KEY in seq else qdata.NEEDLE
+        assert all(d <= bound for d in _query_distances(seq, m))
+
+
+def test_distance_bound_none_is_the_old_stream(lang, seed):
+    """``max_distance=None`` and a bound longer than the document both draw identical documents
+    (the bound consumes no randomness), so earlier runs' data is reproducible."""
+    for gen in (lang.kv_train, lang.passkey_train):
+        r1, r2, r3 = (np.random.default_rng(seed) for _ in range(3))
+        for _ in range(4):
+            a = gen(r1, 700)
+            assert a == gen(r2, 700, max_distance=None) == gen(r3, 700, max_distance=700)
