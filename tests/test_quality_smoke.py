@@ -295,3 +295,95 @@ def test_distance_bound_none_is_the_old_stream(lang, seed):
         for _ in range(4):
             a = gen(r1, 700)
             assert a == gen(r2, 700, max_distance=None) == gen(r3, 700, max_distance=700)
+
+
+def test_split_calls_round_trip(tmp_path):
+    """The three-call recipe with the tiny preset: A pretrains + fine-tunes the full copy, B the gist
+    copy (its own, larger budget), C evaluates only from the saved files. Files, budgets, the base
+    fingerprint and the reproducing commands carry over; mismatches are refused."""
+    import json
+
+    import run_quality as rq
+
+    common = ["--tiny", "--device", "cpu", "--workers", "0", "--ratios", "4", "--lengths", "128", "--n-eval", "2",
+              "--n-text", "1", "--steps", "6", "--ft-steps", "3", "--ft-gist-steps", "5", "--probe-every", "4",
+              "--probe-samples", "2", "--probe-len", "64"]
+    d = tmp_path
+    a_cmd = common + ["--save-base", str(d / "base.pt"), "--finetune", "full", "--save-finetuned", str(d / "a"),
+                      "--out", str(d / "outA")]
+    rq.main(a_cmd)
+    assert (d / "base.pt").exists() and (d / "a" / "full.pt").exists()
+    assert not (d / "a" / "r4.pt").exists() and not (d / "outA" / "quality.json").exists(), "A must not evaluate"
+    rq.main(common + ["--load-base", str(d / "base.pt"), "--finetune", "4", "--save-finetuned", str(d / "b"),
+                      "--no-eval", "--out", str(d / "outB")])
+    base = torch.load(d / "base.pt")
+    full, r4 = torch.load(d / "a" / "full.pt"), torch.load(d / "b" / "r4.pt")
+    assert full["base_id"] == r4["base_id"] == base["base_id"]
+    assert (full["ratio"], r4["ratio"]) == (None, 4)
+    assert full["info"]["steps"] == 3 and r4["info"]["steps"] == 5, "the gist copy has its own budget"
+    assert base["info"]["steps_per_distance_bound"], "stage 1 logs its distance bounds"
+    assert all(len(p["recall"]) == 1 for p in base["info"]["probes"])  # one probe length (64)
+    assert r4["state_dict"]["model.embed_tokens.weight"].shape[0] == 513  # the gist row
+
+    # a loaded gist copy carries its own fine-tuned weights (incl. the gist row), not the patch's init
+    args = rq.parse_args(common)
+    model, cfg, saved = rq.load_finetuned(args, str(d / "b" / "r4.pt"), torch.device("cpu"))
+    assert cfg.ratio == 4 and cfg.gist_token_id == 512
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb, saved["state_dict"]["model.embed_tokens.weight"].float())
+
+    res = rq.main(common + ["--eval-only", "--load-finetuned", str(d / "a"), str(d / "b"), "--out", str(d / "outC")])
+    out = json.loads((d / "outC" / "quality.json").read_text())
+    for key in ("full", "unigist@r4", "streaming@r4", "snapkv@r4", "snapkv_oneshot@r4"):
+        assert set(out["acc"][key]) == {"kv", "passkey"} and "128" in out["acc"][key]["kv"]
+    assert [t["name"] for t in out["training"]] == ["base (full attention)", "full attention (fine-tuned)", "unigist r=4"]
+    assert out["base_id"] == base["base_id"]
+    cmds = out["commands"]
+    assert len(cmds) == 3 and "--save-base" in cmds[0] and "--finetune 4" in cmds[1] and "--eval-only" in cmds[2]
+    assert all("--out" not in c for c in cmds)
+    report = (d / "outC" / "quality.md").read_text()
+    assert all(f"`{c}`" in report for c in cmds)
+    assert res["eval_seconds"] > 0
+
+    # refused: a missing copy, another layout, a copy of another base
+    with pytest.raises(SystemExit, match="r4"):
+        rq.main(common + ["--eval-only", "--load-finetuned", str(d / "a"), "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="window"):
+        rq.main(common + ["--window", "16", "--eval-only", "--load-finetuned", str(d / "a"), str(d / "b"),
+                          "--out", str(d / "x")])
+    rq.main(common + ["--seed", "5", "--finetune", "full", "--save-finetuned", str(d / "other"), "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="another base"):
+        rq.main(common + ["--eval-only", "--load-finetuned", str(d / "other"), str(d / "b"), "--out", str(d / "x")])
+
+
+def test_keep_best_restores_the_best_probe(monkeypatch):
+    """With keep_best, training ends in the weights of the best held-out probe, not the last step's;
+    probe_stop ends training at the first probe that reaches it."""
+    import run_quality as rq
+
+    a = rq.parse_args(["--tiny", "--device", "cpu", "--workers", "0", "--probe-every", "2", "--probe-len", "64",
+                       "--probe-samples", "2"])
+    rq._worker_init(a.vocab, a.symbols)
+    lang = qdata.Language(qdata.Vocab(a.vocab, a.symbols))
+    scores = iter([0.1, 0.9, 0.2, 0.3, 0.3, 0.3])
+    snaps = {}
+
+    def fake_probe(model, lang, length, a, device, gist_config=None):
+        v = next(scores)
+        snaps[v] = {k: t.clone() for k, t in model.state_dict().items()}
+        return {"kv": v, "passkey": v}
+
+    monkeypatch.setattr(rq, "probe_recall", fake_probe)
+    model = rq.make_model(a, torch.device("cpu"))
+    info = rq.train(model, a, None, torch.device("cpu"), "t", steps=8, seconds=60, lr=1e-3, curriculum="",
+                    seed=0, lang=lang, distance_curriculum="16:0.5", keep_best=True)
+    assert [p["step"] for p in info["probes"]] == [1, 3, 5, 7]
+    assert info["best_probe"] == {"step": 3, "score": 0.9} and info["restored_step"] == 3
+    assert all(torch.equal(v, snaps[0.9][k]) for k, v in model.state_dict().items())
+    assert info["steps_per_distance_bound"] == {"16": 4, "None": 4}
+
+    scores = iter([0.1, 0.6, 0.7])
+    model = rq.make_model(a, torch.device("cpu"))
+    info = rq.train(model, a, None, torch.device("cpu"), "t", steps=8, seconds=60, lr=1e-3, curriculum="",
+                    seed=0, lang=lang, stop_at=0.5)
+    assert info["steps"] == 4 and info["stopped"] and len(info["probes"]) == 2

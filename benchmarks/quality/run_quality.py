@@ -881,9 +881,10 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save_model(path, model, **meta):
+def save_model(path, net, **meta):
+    """``net``'s weights in bf16 (~15 MB for the default 7.3M-parameter model) plus ``meta``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"state_dict": {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()},
+    torch.save({"state_dict": {k: v.detach().to("cpu", torch.bfloat16) for k, v in net.state_dict().items()},
                 **meta}, path)
     log(f"saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
 
