@@ -24,9 +24,11 @@ End to end, with no downloads:
    ``quality.json`` under ``--out``.
 
 ``python benchmarks/quality/run_quality.py --tiny --device cpu`` runs the whole
-pipeline in a minute or two on a CPU with a tiny model (a smoke run: the
-numbers mean nothing). The defaults are sized for one H100, ~11 minutes
-(``--base-only --save-base`` / ``--load-base`` split it in two runs).
+pipeline in under a minute on a CPU with a tiny model (a smoke run: the
+numbers mean nothing). The defaults are sized for one H100, ~20 minutes in
+one process; ``--save-base`` / ``--load-base``, ``--finetune``,
+``--save-finetuned`` / ``--load-finetuned`` and ``--eval-only`` split it into
+calls of under 10 minutes (README.md gives the three-call recipe).
 """
 
 from __future__ import annotations
