@@ -244,3 +244,146 @@ def test_weighted_loss_matches_cross_entropy_and_weights_answers(seed):
     assert torch.allclose(loss_w, ref_w, atol=1e-6) and int(n) == 2
     pred = logits[:, :-1].argmax(-1)
     assert int(hits) == int((pred[1, 2] == labels[1, 3])) + int((pred[2, 6] == labels[2, 7]))
+
+
+def _query_distances(seq, marker):
+    """(distance from the queried item's marker to the ``ASK``) for every query in ``seq``."""
+    start, out = {}, []
+    for i, t in enumerate(seq[:-1]):
+        if t == marker:
+            start.setdefault(seq[i + 1], i)
+        elif t == qdata.ASK:
+            out.append(i - start[seq[i + 1]])
+    return out
+
+
+@pytest.mark.parametrize("task", ["kv", "passkey"])
+def test_distance_bound_is_honoured(task, seed):
+    """With ``max_distance`` every training query's item starts at most that many tokens before the
+    ``ASK`` (and queries stay fresh); without it the same generator does ask beyond the bound, and
+    the bounded documents still carry many queries (default-sized vocabulary: with few symbols the
+    pairs run out before the bound lets them be asked)."""
+    lang = qdata.Language(qdata.Vocab(2048, 512))
+    marker = qdata.KEY if task == "kv" else qdata.NEEDLE
+    gen = lang.kv_train if task == "kv" else lang.passkey_train
+    bound = 48
+    bounded, free = [], []
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        seq = gen(rng, 1024, max_distance=bound)
+        asked = [seq[j + 1] for j in range(len(seq) - 1) if seq[j] == qdata.ASK]
+        assert len(asked) == len(set(asked)), "a query repeats an earlier one"
+        bounded += _query_distances(seq, marker)
+        free += _query_distances(gen(rng, 1024), marker)
+    assert bounded and max(bounded) <= bound
+    assert max(bounded) > bound // 2, "the bound is reached, not just respected"
+    assert max(free) > 4 * bound and np.median(free) > np.median(bounded)
+    assert len(bounded) >= len(free) / 4, "the bound keeps much of the supervision"
+    # train_sequence / train_batches pass the bound through
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        seq = lang.train_sequence(rng, 512, (0, 1, 1, 0), max_distance=bound)
+        m = qdata.KEY if qdata.KEY in seq else qdata.NEEDLE
+        assert all(d <= bound for d in _query_distances(seq, m))
+
+
+def test_distance_bound_none_is_the_old_stream(lang, seed):
+    """``max_distance=None`` and a bound longer than the document both draw identical documents
+    (the bound consumes no randomness), so earlier runs' data is reproducible."""
+    for gen in (lang.kv_train, lang.passkey_train):
+        r1, r2, r3 = (np.random.default_rng(seed) for _ in range(3))
+        for _ in range(4):
+            a = gen(r1, 700)
+            assert a == gen(r2, 700, max_distance=None) == gen(r3, 700, max_distance=700)
+
+
+def test_split_calls_round_trip(tmp_path):
+    """The three-call recipe with the tiny preset: A pretrains + fine-tunes the full copy, B the gist
+    copy (its own, larger budget), C evaluates only from the saved files. Files, budgets, the base
+    fingerprint and the reproducing commands carry over; mismatches are refused."""
+    import json
+
+    import run_quality as rq
+
+    common = ["--tiny", "--device", "cpu", "--workers", "0", "--ratios", "4", "--lengths", "128", "--n-eval", "2",
+              "--n-text", "1", "--steps", "6", "--ft-steps", "3", "--ft-gist-steps", "5", "--probe-every", "4",
+              "--probe-samples", "2", "--probe-len", "64"]
+    d = tmp_path
+    a_cmd = common + ["--save-base", str(d / "base.pt"), "--finetune", "full", "--save-finetuned", str(d / "a"),
+                      "--out", str(d / "outA")]
+    rq.main(a_cmd)
+    assert (d / "base.pt").exists() and (d / "a" / "full.pt").exists()
+    assert not (d / "a" / "r4.pt").exists() and not (d / "outA" / "quality.json").exists(), "A must not evaluate"
+    rq.main(common + ["--load-base", str(d / "base.pt"), "--finetune", "4", "--save-finetuned", str(d / "b"),
+                      "--no-eval", "--out", str(d / "outB")])
+    base = torch.load(d / "base.pt")
+    full, r4 = torch.load(d / "a" / "full.pt"), torch.load(d / "b" / "r4.pt")
+    assert full["base_id"] == r4["base_id"] == base["base_id"]
+    assert (full["ratio"], r4["ratio"]) == (None, 4)
+    assert full["info"]["steps"] == 3 and r4["info"]["steps"] == 5, "the gist copy has its own budget"
+    assert base["info"]["steps_per_distance_bound"], "stage 1 logs its distance bounds"
+    assert all(len(p["recall"]) == 1 for p in base["info"]["probes"])  # one probe length (64)
+    assert r4["state_dict"]["model.embed_tokens.weight"].shape[0] == 513  # the gist row
+
+    # a loaded gist copy carries its own fine-tuned weights (incl. the gist row), not the patch's init
+    args = rq.parse_args(common)
+    model, cfg, saved = rq.load_finetuned(args, str(d / "b" / "r4.pt"), torch.device("cpu"))
+    assert cfg.ratio == 4 and cfg.gist_token_id == 512
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb, saved["state_dict"]["model.embed_tokens.weight"].float())
+
+    res = rq.main(common + ["--eval-only", "--load-finetuned", str(d / "a"), str(d / "b"), "--out", str(d / "outC")])
+    out = json.loads((d / "outC" / "quality.json").read_text())
+    for key in ("full", "unigist@r4", "streaming@r4", "snapkv@r4", "snapkv_oneshot@r4"):
+        assert set(out["acc"][key]) == {"kv", "passkey"} and "128" in out["acc"][key]["kv"]
+    assert [t["name"] for t in out["training"]] == ["base (full attention)", "full attention (fine-tuned)", "unigist r=4"]
+    assert out["base_id"] == base["base_id"]
+    cmds = out["commands"]
+    assert len(cmds) == 3 and "--save-base" in cmds[0] and "--finetune 4" in cmds[1] and "--eval-only" in cmds[2]
+    assert all("--out" not in c for c in cmds)
+    report = (d / "outC" / "quality.md").read_text()
+    assert all(f"`{c}`" in report for c in cmds)
+    assert res["eval_seconds"] > 0
+
+    # refused: a missing copy, another layout, a copy of another base
+    with pytest.raises(SystemExit, match="r4"):
+        rq.main(common + ["--eval-only", "--load-finetuned", str(d / "a"), "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="window"):
+        rq.main(common + ["--window", "16", "--eval-only", "--load-finetuned", str(d / "a"), str(d / "b"),
+                          "--out", str(d / "x")])
+    rq.main(common + ["--seed", "5", "--finetune", "full", "--save-finetuned", str(d / "other"), "--out", str(d / "x")])
+    with pytest.raises(SystemExit, match="another base"):
+        rq.main(common + ["--eval-only", "--load-finetuned", str(d / "other"), str(d / "b"), "--out", str(d / "x")])
+
+
+def test_keep_best_restores_the_best_probe(monkeypatch):
+    """With keep_best, training ends in the weights of the best held-out probe, not the last step's;
+    probe_stop ends training at the first probe that reaches it."""
+    import run_quality as rq
+
+    a = rq.parse_args(["--tiny", "--device", "cpu", "--workers", "0", "--probe-every", "2", "--probe-len", "64",
+                       "--probe-samples", "2"])
+    rq._worker_init(a.vocab, a.symbols)
+    lang = qdata.Language(qdata.Vocab(a.vocab, a.symbols))
+    scores = iter([0.1, 0.9, 0.2, 0.3, 0.3, 0.3])
+    snaps = {}
+
+    def fake_probe(model, lang, length, a, device, gist_config=None):
+        v = next(scores)
+        snaps[v] = {k: t.clone() for k, t in model.state_dict().items()}
+        return {"kv": v, "passkey": v}
+
+    monkeypatch.setattr(rq, "probe_recall", fake_probe)
+    model = rq.make_model(a, torch.device("cpu"))
+    info = rq.train(model, a, None, torch.device("cpu"), "t", steps=8, seconds=60, lr=1e-3, curriculum="",
+                    seed=0, lang=lang, distance_curriculum="16:0.5", keep_best=True)
+    assert [p["step"] for p in info["probes"]] == [1, 3, 5, 7]
+    assert info["best_probe"] == {"step": 3, "score": 0.9} and info["restored_step"] == 3
+    assert all(torch.equal(v, snaps[0.9][k]) for k, v in model.state_dict().items())
+    assert info["steps_per_distance_bound"] == {"16": 4, "None": 4}
+
+    scores = iter([0.1, 0.6, 0.7])
+    model = rq.make_model(a, torch.device("cpu"))
+    info = rq.train(model, a, None, torch.device("cpu"), "t", steps=8, seconds=60, lr=1e-3, curriculum="",
+                    seed=0, lang=lang, stop_at=0.5)
+    assert info["steps"] == 4 and info["stopped"] and len(info["probes"]) == 2

@@ -28,7 +28,9 @@ retrieval is the classic induction / associative-recall pattern.
 
 Training sequences carry many queries, each about a pair / needle not asked
 before, starting after a random fraction of the document (dense recall
-supervision at all distances); evaluation samples are a context of exactly ``length`` raw tokens that ends with
+supervision at all distances); an optional ``max_distance`` bounds how far back
+a training query may look (the distance curriculum of ``run_quality.py``:
+short lookups first); evaluation samples are a context of exactly ``length`` raw tokens that ends with
 a query about a pair / needle never asked before, plus the answer tokens.
 """
 
@@ -146,23 +148,30 @@ class Language:
         vals = SYMBOL0 + half + rng.integers(0, self.vocab.num_symbols - half, size=(n_pairs, 2))
         return keys, vals
 
-    def kv_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None) -> List[int]:
+    def kv_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None,
+                 max_distance: Optional[int] = None) -> List[int]:
         """KV document with queries (training). Pairs come all along; queries start after ``ask_from``
         of the document (default: uniform in [0, 0.6) per document) and each asks a pair not asked
-        before, drawn uniformly from the pairs shown so far. Documents that ask from the start give
+        before, drawn uniformly from the pairs shown so far - and, with ``max_distance``, shown at
+        most ``max_distance`` tokens before the query (the distance curriculum: a pair older than
+        the bound is never asked). Documents that ask from the start give
         many short lookups (the signal that makes recall emerge); the others spread query distances
         over the whole context, as in the evaluation. (With queries from the start only, a model
         learned lookups within ~128 tokens; with repeated queries, it learned to copy the earlier
-        ``ASK k``'s answer instead of looking the pair up.)"""
+        ``ASK k``'s answer instead of looking the pair up.) ``ask_from`` does not depend on
+        ``max_distance``: the pairs shown before the first query are a stock that spreads the
+        bounded distances over [0, max_distance] (length 2048, bound 1024: median distance 286,
+        34% of the queries beyond 512)."""
         ask_from = float(rng.uniform(0.0, 0.6)) if ask_from is None else ask_from
         keys, vals = self.kv_table(rng, length)
         return self._fresh_queries(
             rng, length, ask_from, KEY, keys, vals, rates_asking=(0.45, 0.25), rates_before=(0.0, 0.6),
-            filler=lambda: self.sentence(rng, int(rng.integers(2, 9))))
+            filler=lambda: self.sentence(rng, int(rng.integers(2, 9))), max_distance=max_distance)
 
-    def passkey_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None) -> List[int]:
+    def passkey_train(self, rng: np.random.Generator, length: int, ask_from: Optional[float] = None,
+                      max_distance: Optional[int] = None) -> List[int]:
         """Text with needles all along and passkey queries after ``ask_from`` of the document; each
-        needle is asked at most once (see ``kv_train``)."""
+        needle is asked at most once, at most ``max_distance`` tokens after it (see ``kv_train``)."""
         ask_from = float(rng.uniform(0.0, 0.6)) if ask_from is None else ask_from
         entities = self.symbols(rng, int(rng.integers(8, 17)), 3)
         n_needles = max(4, length // 64)
@@ -171,22 +180,31 @@ class Language:
         segs = self._text_segments(rng, entities)
         return self._fresh_queries(
             rng, length, ask_from, NEEDLE, names, keys, rates_asking=(0.25, 0.06), rates_before=(0.0, 0.15),
-            filler=lambda: next(segs))
+            filler=lambda: next(segs), max_distance=max_distance)
 
     @staticmethod
-    def _fresh_queries(rng, length, ask_from, marker, names, answers, rates_asking, rates_before, filler):
+    def _fresh_queries(rng, length, ask_from, marker, names, answers, rates_asking, rates_before, filler,
+                       max_distance=None):
         """The training document shared by kv and passkey: ``marker name answer... DOT`` items shown
         in order, ``ASK name answer... DOT`` queries each about an item shown and not asked before,
         and ``filler()`` segments. ``rates_*`` are the per-segment probabilities of (query, new
-        item) after / before ``ask_from`` of the document."""
-        out, shown, fresh = [BOS], 0, []
+        item) after / before ``ask_from`` of the document. With ``max_distance``, a query may only
+        ask an item whose marker is at most ``max_distance`` tokens before the ``ASK``; older items
+        drop out of the candidates for good (distances only grow), and are never asked.
+        ``max_distance=None`` draws exactly the same documents as before the bound existed."""
+        out, shown, fresh, start = [BOS], 0, [], []
         while len(out) < length:
             p_query, p_item = rates_asking if len(out) >= ask_from * length else rates_before
+            if max_distance is not None:
+                # ``fresh`` is in order of appearance: the out-of-range items are a prefix
+                while fresh and len(out) - start[fresh[0]] > max_distance:
+                    fresh.pop(0)
             u = rng.random()
             if fresh and u < p_query:
                 j = fresh.pop(int(rng.integers(0, len(fresh))))
                 out += [ASK, int(names[j]), *map(int, answers[j]), DOT]
             elif u < p_query + p_item and shown < len(names):
+                start.append(len(out))
                 out += [marker, int(names[shown]), *map(int, answers[shown]), DOT]
                 fresh.append(shown)
                 shown += 1
@@ -208,16 +226,18 @@ class Language:
             out += block + [DOT] + block + [DOT]
         return out[:length]
 
-    def train_sequence(self, rng: np.random.Generator, length: int, mix=(1, 1, 1, 0)) -> List[int]:
-        """One training sequence: text, kv, passkey or copy, drawn with weights ``mix`` (3 or 4 of them)."""
+    def train_sequence(self, rng: np.random.Generator, length: int, mix=(1, 1, 1, 0),
+                       max_distance: Optional[int] = None) -> List[int]:
+        """One training sequence: text, kv, passkey or copy, drawn with weights ``mix`` (3 or 4 of them).
+        ``max_distance`` bounds how far back a kv / passkey query may look (None: anywhere)."""
         p = np.asarray(mix, dtype=float)
         kind = int(rng.choice(len(p), p=p / p.sum()))
         if kind == 0:
             return self.text(rng, length)
         if kind == 1:
-            return self.kv_train(rng, length)
+            return self.kv_train(rng, length, max_distance=max_distance)
         if kind == 2:
-            return self.passkey_train(rng, length)
+            return self.passkey_train(rng, length, max_distance=max_distance)
         return self.copy_train(rng, length)
 
     # -------------------------------------------------------------- evaluation
@@ -317,8 +337,9 @@ def answer_mask(ids: np.ndarray) -> np.ndarray:
     return out.reshape(ids.shape)
 
 
-def train_batches(lang: Language, batch: int, length: int, seed: int, mix=(1, 1, 1)) -> Iterator[np.ndarray]:
+def train_batches(lang: Language, batch: int, length: int, seed: int, mix=(1, 1, 1),
+                  max_distance: Optional[int] = None) -> Iterator[np.ndarray]:
     """Infinite stream of ``[batch, length]`` int64 training batches (raw tokens, no gists)."""
     rng = np.random.default_rng([seed, 7])
     while True:
-        yield np.asarray([lang.train_sequence(rng, length, mix) for _ in range(batch)], dtype=np.int64)
+        yield np.asarray([lang.train_sequence(rng, length, mix, max_distance) for _ in range(batch)], dtype=np.int64)
