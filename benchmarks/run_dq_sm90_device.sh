@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device run of the wgmma dQ kernel: build, smoke test, CUDA tests,
-# per-kernel profile of fwd+bwd at 32k on both dQ paths, memcheck of a small
-# case (mode "test"); or build + A/B benchmark + profiles (mode "bench").
+# per-kernel profile of fwd+bwd at 32k on both dQ paths, A/B benchmark,
+# memcheck of a small case (mode "test"); or build + A/B benchmark + profiles (mode "bench").
 # Usage on the GPU machine, from the repo root:
 #   OUT=/some/dir bash benchmarks/run_dq_sm90_device.sh [test|bench]
 set -u
@@ -31,8 +31,11 @@ if [ "$mode" = test ]; then
   echo "== profile 32k r=4, wgmma dQ then mma.sync dQ"
   profile 4
   UNIGIST_FORCE_SM80=1 profile 4
+  echo "== bench (wgmma dQ, then mma.sync dQ)"
+  timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N=" | cut -c1-150
+  UNIGIST_FORCE_SM80=1 timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm80.md" 2>&1 | grep "N=" | cut -c1-150
   echo "== memcheck (wgmma dQ)"
-  timeout 90 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/smoke_bwd.py quick 2>&1 | grep -E "arch 90|ERROR|error|SUMMARY" | head -12
+  timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/smoke_bwd.py quick 2>&1 | grep -E "arch 90|ERROR|error|SUMMARY" | head -12
 else
   echo "== bench (wgmma dQ, then mma.sync dQ)"
   timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N="
