@@ -27,13 +27,25 @@
 namespace unigist {
 namespace cuda_detail {
 
+// A/B switches (compile time): S and dP as separate wgmma groups; named-
+// barrier ping-pong between the consumers.
+#ifndef UNIGIST_SM90_DQ_SPLIT
+#define UNIGIST_SM90_DQ_SPLIT 1
+#endif
+#ifndef UNIGIST_SM90_DQ_PINGPONG
+#define UNIGIST_SM90_DQ_PINGPONG 0
+#endif
+#ifndef UNIGIST_SM90_DQ_STAGES
+#define UNIGIST_SM90_DQ_STAGES 4
+#endif
+
 template <int D>
 struct Sm90Dq {
   static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
   static constexpr int BN = 64;
   // Q + dO take 64 KB at D = 128; 4 stages of K + V (32 KB each) fill most of
   // the rest. One CTA per SM either way (registers).
-  static constexpr int STAGES = 4;
+  static constexpr int STAGES = UNIGIST_SM90_DQ_STAGES;
   static constexpr int THREADS = 384;
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
@@ -161,14 +173,15 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       if (!(lse2[hr] > -INFINITY)) lse2[hr] = 0.f;
     }
 
+    constexpr bool kSplit = UNIGIST_SM90_DQ_SPLIT, kPingPong = UNIGIST_SM90_DQ_PINGPONG;
     float dq[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
     float s[NT][4], dp[NT][4];
     uint32_t dsf[BN / 16][4];
 
-    // S and dP of block it as one commit group (dP waits for V only after S
-    // has been issued, so S starts as soon as K lands).
+    // S and dP of block it as two commit groups: P = exp2(...) of block it
+    // runs while its dP GEMM (and the dQ GEMM of block it - 1) are in flight.
     auto issue_sdp = [&](int it) {
       const int st = it % STAGES;
       mbar_wait(k_full(st), (it / STAGES) & 1);
@@ -180,6 +193,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
         const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
         wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
       }
+      if (kSplit) wgmma_commit();
       mbar_wait(v_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();  // after the wait loop's branch ptxas would insert one itself
@@ -207,9 +221,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       __syncwarp();
       if (lane == 0) mbar_arrive(empty(it % STAGES));
     };
-    // dS in place of S (fp32), packed later, once the previous dQ GEMM that
-    // reads dsf has completed.
-    auto compute_ds = [&](int it) {
+    // P in place of S; selected, not multiplied, by the mask: an invisible
+    // score may overflow exp2.
+    auto compute_p = [&](int it) {
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
       const bool need_mask = block_needs_mask(l, kind, first, end, BN, q_lo, q_hi);
@@ -220,42 +234,75 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
         for (int e = 0; e < 4; ++e) {
           float pr = exp2f(fmaf(s[j][e], p.scale_log2, -lse2[e >> 1]));
           if (need_mask) {
-            // Selected, not multiplied: an invisible score may overflow exp2.
             const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + (e & 1));
             const bool ok = kp >= 0 && (kind == 1 || l.visible(qp0 + (e >> 1) * 8, kp));
             if (!ok) pr = 0.f;
           }
-          s[j][e] = pr * (dp[j][e] - dlt[e >> 1]);
+          s[j][e] = pr;
         }
       }
+    };
+    // dS in place of P (fp32); packed once the dQ GEMM that reads dsf is done.
+    auto compute_ds = [&] {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - dlt[e >> 1];
     };
     auto pack_ds = [&] {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(dsf[kk], s, kk);
     };
 
+    // Ping-pong (FlashAttention-3): named barriers hand the right to issue
+    // GEMMs back and forth between the two consumers. A/B switch.
+    auto my_turn = [&] {
+      if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+    };
+    auto your_turn = [&] {
+      if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+    };
+    if (wg == 1) your_turn();
+
     mbar_wait(q_full, 0);
     if (nblocks > 0) {
+      my_turn();
       issue_sdp(0);
+      your_turn();
       wgmma_wait<0>();
       reg_fence(s);
       reg_fence(dp);
-      compute_ds(0);
+      compute_p(0);
+      compute_ds();
       pack_ds();
       for (int it = 1; it < nblocks; ++it) {
+        my_turn();
         issue_sdp(it);
         issue_dq(it - 1);
-        wgmma_wait<1>();  // S, dP of block it; dQ of block it - 1 still running
-        reg_fence(s);
-        reg_fence(dp);
-        compute_ds(it);
+        your_turn();
+        if (kSplit) {
+          wgmma_wait<2>();  // S of block it; its dP and dQ of block it - 1 still running
+          reg_fence(s);
+          compute_p(it);
+          wgmma_wait<1>();  // dP of block it
+          reg_fence(s);
+          reg_fence(dp);
+        } else {
+          wgmma_wait<1>();  // S, dP of block it; dQ of block it - 1 still running
+          reg_fence(s);
+          reg_fence(dp);
+          compute_p(it);
+        }
+        compute_ds();
         wgmma_wait<0>();
         reg_fence(dq);
         reg_fence(s);  // keeps the packing below after the wait: the dQ GEMM reads the old dS
         release(it - 1);
         pack_ds();
       }
+      my_turn();
       issue_dq(nblocks - 1);
+      if (wg == 0) your_turn();
       wgmma_wait<0>();
       reg_fence(dq);
       release(nblocks - 1);
