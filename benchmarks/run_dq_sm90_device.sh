@@ -3,7 +3,8 @@
 # per-kernel profile of fwd+bwd at 32k on both dQ paths, A/B benchmark,
 # memcheck of a small case (mode "test"); or build + A/B benchmark + profiles (mode "bench").
 # Usage on the GPU machine, from the repo root:
-#   OUT=/some/dir bash benchmarks/run_dq_sm90_device.sh [test|bench]
+#   OUT=/some/dir bash benchmarks/run_dq_sm90_device.sh [test|bench|final]
+# (final: tests, profiles, 32k bench and memcheck of the wgmma path only)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/unigist_out}
@@ -34,6 +35,15 @@ if [ "$mode" = test ]; then
   echo "== bench (wgmma dQ, then mma.sync dQ)"
   timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N=" | cut -c1-150
   UNIGIST_FORCE_SM80=1 timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm80.md" 2>&1 | grep "N=" | cut -c1-150
+  echo "== memcheck (wgmma dQ)"
+  timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/smoke_bwd.py quick 2>&1 | grep -E "arch 90|ERROR|error|SUMMARY" | head -12
+elif [ "$mode" = final ]; then
+  echo "== tests"
+  timeout 100 python3 -m pytest -m cuda tests -q --maxfail=10 -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  grep -E "FAILED|Error|passed|failed" "$OUT/pytest.log" | head -20
+  for r in 4 8; do echo "== profile 32k r=$r"; profile $r | grep -E "unigist"; done
+  echo "== bench"
+  timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N=" | cut -c1-150
   echo "== memcheck (wgmma dQ)"
   timeout 60 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/smoke_bwd.py quick 2>&1 | grep -E "arch 90|ERROR|error|SUMMARY" | head -12
 else
