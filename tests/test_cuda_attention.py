@@ -329,3 +329,82 @@ def test_forward_paths_agree(seed, monkeypatch):
     out90, lse90 = _fwd_op(q, k, v, cfg, 0)
     assert rel_err(out90, out80) < 5e-3
     assert (lse90 - lse80).abs().max().item() < 1e-3
+
+
+# ---- both dQ kernels of the backward: wgmma (sm_90a) and mma.sync ---------
+# gist_attention_bwd takes the wgmma dQ kernel on the forward's condition
+# (UNIGIST_FORCE_SM80, read on every call); delta and dK/dV are the mma.sync
+# kernels on both paths, so these tests are about dq.
+
+
+@pytest.fixture
+def bwd_path(fwd_path):
+    return fwd_path
+
+
+def _check_bwd(q, k, v, cfg, off, tol, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dout = torch.randn_like(q)
+    out, lse = _fwd_op(q, k, v, cfg, off, scale=scale)
+    _poison_allocator(q.shape, k.shape, dtype=q.dtype)
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+        dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+    )
+    torch.cuda.synchronize()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = gist_attention_reference(q64, k64, v64, cfg, q_offset=off, softmax_scale=scale)
+    ref.backward(dout.double())
+    for name, got, want, like in (("dq", dq, q64.grad, q), ("dk", dk, k64.grad, k), ("dv", dv, v64.grad, v)):
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        assert torch.isfinite(got).all(), name
+        if want.abs().max().item() == 0:  # softmax_scale 0 gives dq = dk = 0 exactly
+            assert got.abs().max().item() == 0, name
+        else:
+            err = rel_err(got, want)
+            assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("case", CASES[1:], ids=_case_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_paths_match_reference(seed, bwd_path, case, d, dtype):
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    q, k, v = _inputs(1, 4, 2, nq, nk, d, dtype)  # GQA group 2
+    _check_bwd(q, k, v, cfg, off, BWD_TOL[dtype])
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_paths_long(seed, bwd_path, d, dtype):
+    """Default layout over many key blocks of every kind, a query chunk with
+    q_offset, odd lengths, GQA 4."""
+    q, k, v = _inputs(1, 4, 1, 1531, 5003, d, dtype)
+    _check_bwd(q, k, v, GistConfig(), 5003 - 1531, BWD_TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.2, 0.0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_paths_custom_scale(seed, bwd_path, scale, d):
+    q, k, v = _inputs(1, 2, 2, 300, 300, d, torch.bfloat16)
+    _check_bwd(q, k, v, GistConfig(ratio=4, window=64, num_sink=8), 0, BWD_TOL[torch.bfloat16], scale=scale)
+
+
+def test_backward_paths_agree(seed, monkeypatch):
+    """The two dQ kernels on the same inputs (same out and lse): dq equal up to
+    rounding, dk and dv identical (same kernels on both paths)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute-capability 9.0 GPU")
+    cfg = GistConfig(ratio=4, window=256, num_sink=64)
+    q, k, v = _inputs(1, 8, 2, 3001, 3001, 128, torch.float16)
+    dout = torch.randn_like(q)
+    out, lse = _fwd_op(q, k, v, cfg, 0)
+    grads = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("UNIGIST_FORCE_SM80", path)
+        grads[path] = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, 1 / math.sqrt(128), 0
+        )
+    (dq80, dk80, dv80), (dq90, dk90, dv90) = grads["1"], grads["0"]
+    assert rel_err(dq90, dq80) < 2e-3
+    assert torch.equal(dk90, dk80) and torch.equal(dv90, dv80)

@@ -2,6 +2,8 @@
 //   1. delta = rowsum(dout * out)                          (small kernel)
 //   2. dQ: query-tile outer, the same three key ranges as the forward
 //      (sinks, packed gists, local window)                  -> dq
+//      On Hopper (use_sm90_fwd) the wgmma kernel of attention_bwd_dq_sm90.cu
+//      (128-row tiles) runs instead of gist_attn_bwd_dq_kernel.
 //   3. dK/dV dense pass: key-block outer over aligned blocks of 64 keys; loops
 //      over the query tiles whose dense part (layout::in_dense_part) holds
 //      some of its pairs; writes fp32 per-query-head dK/dV for every key.
@@ -20,6 +22,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "attention_common.cuh"
 #include "checks.h"
@@ -531,7 +534,7 @@ __global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restri
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
+void launch_bwd(const AttnParams& p, bool sm90_dq, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
   // 1. delta
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
@@ -539,7 +542,9 @@ void launch_bwd(const AttnParams& p, cudaStream_t stream, at::Tensor& dk, at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 2. dQ
-  {
+  if (sm90_dq) {
+    launch_bwd_dq_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
+  } else {
     constexpr int smem = dq_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dq_kernel<T, D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -644,11 +649,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const bool sm90 = use_sm90_fwd(q.get_device());
   if (D == 64) {
-    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, stream, dk, dv) : launch_bwd<__half, 64>(p, stream, dk, dv);
+    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, sm90, stream, dk, dv)
+         : launch_bwd<__half, 64>(p, sm90, stream, dk, dv);
   } else {
-    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, stream, dk, dv)
-         : launch_bwd<__half, 128>(p, stream, dk, dv);
+    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, sm90, stream, dk, dv)
+         : launch_bwd<__half, 128>(p, sm90, stream, dk, dv);
   }
   return {dq, dk, dv};
 }

@@ -384,6 +384,9 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t) {
 // had 9.0a) and UNIGIST_FORCE_SM80 is not "1".
 bool use_sm90_fwd(int device);
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// The wgmma dQ kernel of the backward (attention_bwd_dq_sm90.cu), taken on the
+// same condition as the wgmma forward.
+void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
 // set over keys [0, nk) is unchanged.
