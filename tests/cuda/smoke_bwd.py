@@ -10,33 +10,20 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import unigist  # noqa: E402,F401  (loads the ops)
-from unigist import GistConfig  # noqa: E402
-from unigist.reference import gist_attention_reference  # noqa: E402
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from smoke_fwd import CASES, rel  # also puts the repo root on sys.path
+from unigist import GistConfig
+from unigist.reference import gist_attention_reference
 
 
 def main():
     torch.manual_seed(0)
-    cases = [  # (hq, hkv, nq, nk, off, d, r, w, s)
-        (2, 2, 64, 64, 0, 128, 4, 16, 0),
-        (2, 2, 300, 300, 0, 128, 4, 64, 5),
-        (4, 2, 1000, 1000, 0, 64, 8, 200, 64),
-        (4, 1, 130, 1030, 900, 128, 4, 128, 9),
-        (2, 2, 2053, 2053, 0, 128, 4, 256, 128),
-    ]
     quick = len(sys.argv) > 1 and sys.argv[1] == "quick"
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
     for path in ("0",) if quick else ("0", "1"):
         os.environ["UNIGIST_FORCE_SM80"] = path
         arch = torch.ops.unigist.gist_attention_fwd_arch(torch.empty(1, device="cuda"))
         for dtype in dtypes:
-            for hq, hkv, nq, nk, off, d, r, w, s in cases:
+            for hq, hkv, nq, nk, off, d, r, w, s in CASES:
                 cfg = GistConfig(ratio=r, window=w, num_sink=s)
                 q = torch.randn(1, hq, nq, d, device="cuda", dtype=dtype)
                 k = torch.randn(1, hkv, nk, d, device="cuda", dtype=dtype)

@@ -19,20 +19,23 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+# (hq, hkv, nq, nk, q_offset, d, ratio, window, num_sink); also used by smoke_bwd.py
+CASES = [
+    (2, 2, 64, 64, 0, 128, 4, 16, 0),
+    (2, 2, 300, 300, 0, 128, 4, 64, 5),
+    (4, 2, 1000, 1000, 0, 64, 8, 200, 64),
+    (4, 1, 130, 1030, 900, 128, 4, 128, 9),
+    (2, 2, 2053, 2053, 0, 128, 4, 256, 128),
+]
+
+
 def main():
     torch.manual_seed(0)
-    cases = [  # (hq, hkv, nq, nk, off, d, r, w, s)
-        (2, 2, 64, 64, 0, 128, 4, 16, 0),
-        (2, 2, 300, 300, 0, 128, 4, 64, 5),
-        (4, 2, 1000, 1000, 0, 64, 8, 200, 64),
-        (4, 1, 130, 1030, 900, 128, 4, 128, 9),
-        (2, 2, 2053, 2053, 0, 128, 4, 256, 128),
-    ]
     for path in ("0", "1"):
         os.environ["UNIGIST_FORCE_SM80"] = path
         arch = torch.ops.unigist.gist_attention_fwd_arch(torch.empty(1, device="cuda"))
         for dtype in (torch.bfloat16, torch.float16):
-            for hq, hkv, nq, nk, off, d, r, w, s in cases:
+            for hq, hkv, nq, nk, off, d, r, w, s in CASES:
                 cfg = GistConfig(ratio=r, window=w, num_sink=s)
                 q = torch.randn(1, hq, nq, d, device="cuda", dtype=dtype)
                 k = torch.randn(1, hkv, nk, d, device="cuda", dtype=dtype)
