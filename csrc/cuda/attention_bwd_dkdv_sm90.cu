@@ -253,12 +253,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       mbar_wait(q_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(k_addr + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(q_addr + st * C::Q_BYTES + (ks / 4) * BQ * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BN, BQ>(s, k_addr, q_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     auto issue_dp = [&](int it) {
@@ -266,12 +261,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       mbar_wait(do_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(v_addr + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(do_addr + st * C::Q_BYTES + (ks / 4) * BQ * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(dp, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BN, BQ>(dp, v_addr, do_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     // dV += P^T dO and dK += dS^T Q: the query rows of dO / Q are these GEMMs'
@@ -280,21 +270,13 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     auto issue_dv = [&](int it) {
       const int st = it % STAGES;
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        const uint64_t db = make_desc(do_addr + st * C::Q_BYTES + kk * 2048, BQ * 128, 1024);
-        wgmma_rs<1>(dv, af[kk], db, 1, T{});
-      }
+      wgmma_rs_mnmajor<BQ / 16, BQ>(dv, af, do_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     auto issue_dk = [&](int it) {
       const int st = it % STAGES;
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        const uint64_t db = make_desc(q_addr + st * C::Q_BYTES + kk * 2048, BQ * 128, 1024);
-        wgmma_rs<1>(dk, af[kk], db, 1, T{});
-      }
+      wgmma_rs_mnmajor<BQ / 16, BQ>(dk, af, q_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     // Does every (key, query) pair of this consumer's keys and tile t0 belong

@@ -150,12 +150,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       mbar_wait(k_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     auto issue_pv = [&](int it) {
@@ -163,11 +158,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       mbar_wait(v_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const uint64_t dv = make_desc(v_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
-        wgmma_rs<1>(o, pf[kk], dv, 1, T{});
-      }
+      wgmma_rs_mnmajor<BN / 16, BN>(o, pf, v_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     auto release = [&](int it) {

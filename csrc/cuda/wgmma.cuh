@@ -84,6 +84,29 @@ __device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, i
 // repeated over N/8 tiles). A from registers uses the mma.sync A layout.
 #include "wgmma_ops.inc"
 
+// KS k16 steps of an SS GEMM (d = A B^T over K = 16 KS), both operands K-major
+// SW128 tiles (sw128_offset<A_ROWS> / <B_ROWS>, a slab of 64 K-elements per
+// A_ROWS / B_ROWS rows; the first step overwrites d). Issue only: fence, commit
+// and wait are the caller's.
+template <int KS, int A_ROWS, int B_ROWS, int NT, typename T>
+__device__ __forceinline__ void wgmma_ss_kmajor(float (&d)[NT][4], uint32_t a_addr, uint32_t b_addr, T) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const uint64_t da = make_desc(a_addr + (ks / 4) * A_ROWS * 128 + (ks % 4) * 32, 16, 1024);
+    const uint64_t db = make_desc(b_addr + (ks / 4) * B_ROWS * 128 + (ks % 4) * 32, 16, 1024);
+    wgmma_ss<0, 0>(d, da, db, ks > 0, T{});
+  }
+}
+
+// KK k16 steps of an RS GEMM (d += A B, A from registers in the mma.sync A
+// layout), B read MN-major from a SW128 tile of B_ROWS rows that are the k
+// dimension (V in P V; LBO = slab stride, 16 rows = 2048 bytes per step).
+template <int KK, int B_ROWS, int NT, typename T>
+__device__ __forceinline__ void wgmma_rs_mnmajor(float (&d)[NT][4], const uint32_t (&a)[KK][4], uint32_t b_addr, T) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) wgmma_rs<1>(d, a[kk], make_desc(b_addr + kk * 2048, B_ROWS * 128, 1024), 1, T{});
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
