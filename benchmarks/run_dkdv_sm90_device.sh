@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One device run of the wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu):
-# build (+ ptxas report of the new kernel), smoke test, CUDA tests, memcheck of
-# a small case, per-kernel profile of fwd+bwd at 32k r=4/8 on both backward
-# paths, A/B benchmark (mode "test", the default); build + A/B + profiles
-# (mode "bench"); tests, profiles, 32k bench and memcheck of the wgmma path
-# only (mode "final"). Output kept short (the device tool returns the last
-# 12,000 characters); full logs under $OUT.
-# Usage on the GPU machine, from the repo root:
+# Device runs of the wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu), in two
+# calls that fit the 10-minute limit (the second reuses the first's build):
+#   test  (default): build (+ ptxas report of the new kernel), smoke test, CUDA
+#         tests, memcheck of a small case (~6-7 min)
+#   bench: build, per-kernel profile of fwd+bwd at 32k r=4/8 and A/B benchmark
+#         at 8k/32k, wgmma backward vs UNIGIST_FORCE_SM80=1 (~5 min)
+#   final: tests, profiles, 32k bench and memcheck of the wgmma path only
+# Output kept short (the device tool returns the last 12,000 characters); full
+# logs under $OUT. Usage on the GPU machine, from the repo root:
 #   OUT=/some/dir bash benchmarks/run_dkdv_sm90_device.sh [test|bench|final]
 set -u
 cd "$(dirname "$0")/.."
@@ -43,14 +44,15 @@ if [ "$mode" = test ]; then
   grep -E "FAILED|Error|passed|failed" "$OUT/pytest.log" | cut -c1-200 | head -20
   echo "== memcheck (wgmma path)"
   memcheck
+elif [ "$mode" = bench ]; then
   for r in 4 8; do
     echo "== profile 32k r=$r, wgmma backward then mma.sync backward"
     profile $r
     UNIGIST_FORCE_SM80=1 profile $r | grep -E "dkdv|dq_|Self CUDA"
   done
   echo "== bench (wgmma, then UNIGIST_FORCE_SM80=1)"
-  timeout 90 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N=" | cut -c1-150
-  UNIGIST_FORCE_SM80=1 timeout 90 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm80.md" 2>&1 | grep "N=" | cut -c1-150
+  timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N=" | cut -c1-150
+  UNIGIST_FORCE_SM80=1 timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm80.md" 2>&1 | grep "N=" | cut -c1-150
 elif [ "$mode" = final ]; then
   echo "== tests"
   timeout 200 python3 -m pytest -m cuda tests -q --maxfail=10 -p no:cacheprovider > "$OUT/pytest.log" 2>&1
@@ -61,8 +63,5 @@ elif [ "$mode" = final ]; then
   echo "== memcheck (wgmma path)"
   memcheck
 else
-  echo "== bench (wgmma, then UNIGIST_FORCE_SM80=1)"
-  timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm90.md" 2>&1 | grep "N="
-  UNIGIST_FORCE_SM80=1 timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 8192 32768 --ratio 4 8 --out "$OUT/bench_sm80.md" 2>&1 | grep "N="
-  for r in 4 8; do echo "== profile 32k r=$r (wgmma)"; profile $r; done
+  echo "unknown mode $mode (test|bench|final)"; exit 2
 fi
