@@ -99,6 +99,82 @@ UNIGIST_HD bool in_dense_part(int64_t q, int64_t k, int64_t q_lo,
   return visible(q, k, l) && (k < l.num_sink || k >= local_lo);
 }
 
+// The dK/dV kernels loop over query tiles for a block of keys. Tile t holds
+// query positions q_offset + tile * t + [0, tile) (n_tiles tiles); the block's
+// keys are positions in [k_first, k_last] and the pairs counted are those of the
+// dense part (in_dense_part with the tile's q_lo) or, for gist_part, of the gist
+// part (a gist k >= num_sink with q_lo >= k + window; the block must hold only
+// such gists). Tiles [begin, end) hold every such pair of the block (begin ==
+// end: none). Tiles past the last query are not counted: the caller's n_tiles.
+struct TileRange {
+  int64_t begin;
+  int64_t end;
+};
+
+UNIGIST_HD TileRange dkdv_tile_range(int64_t k_first, int64_t k_last, bool gist_part, int64_t q_offset,
+                                     int64_t n_tiles, int64_t tile, const GistLayout& l) {
+  TileRange r;
+  if (gist_part) {
+    // Tiles with q_lo >= k_first + window see the first gist.
+    const int64_t need = k_first + l.window - q_offset;
+    r.begin = need <= 0 ? 0 : (need + tile - 1) / tile;
+    r.end = n_tiles;
+  } else {
+    // Tiles before the one holding position k_first have every query below
+    // every key.
+    const int64_t rfirst = k_first - q_offset;
+    r.begin = rfirst <= 0 ? 0 : rfirst / tile;
+    if (k_first < l.num_sink) {
+      r.end = n_tiles;
+    } else {
+      // A non-sink key k is in the dense part of tile q_lo only if
+      // k >= q_lo - window + 1, so only tiles with q_lo <= k_last + window - 1.
+      const int64_t lim = k_last + l.window - 1 - q_offset;
+      r.end = lim < 0 ? 0 : min64(n_tiles, lim / tile + 1);
+    }
+  }
+  r.begin = min64(r.begin, n_tiles);
+  r.end = max64(r.end, r.begin);
+  return r;
+}
+
+// True when every pair of the block's keys [k_first, k_last] (as above) and
+// every query of the full tile starting at q_lo belongs to the part, so the
+// kernel needs no per-element test.
+UNIGIST_HD bool dkdv_tile_all_in(int64_t k_first, int64_t k_last, bool gist_part, int64_t q_lo, int64_t tile,
+                                 const GistLayout& l) {
+  if (gist_part) return q_lo >= k_last + l.window;
+  return k_last <= q_lo &&
+         (k_last < l.num_sink || (k_first >= l.num_sink && q_lo + tile - 1 - k_first < l.window));
+}
+
+// The same kernels' per-element test as an interval: the pairs of key k with
+// the queries q_lo + c (0 <= c < n_cols) of the tile starting at q_lo that are
+// in the part are exactly those with lo <= c <= hi. dkdv_key_last_query is the
+// part that depends on the key alone (hoisted out of the loop over tiles): the
+// last query position whose window holds k, or `unbounded` (any value >= the
+// last query position) for a sink or a gist key. Templated on the integer and
+// layout types so that the CUDA kernels run it in 32 bits (Layout32).
+template <typename I, typename Lay>
+UNIGIST_HD I dkdv_key_last_query(I k, const Lay& l, I unbounded) {
+  return (k < l.num_sink || k % (l.ratio + 1) == l.ratio) ? unbounded : static_cast<I>(k + l.window - 1);
+}
+
+template <typename I, typename Lay>
+UNIGIST_HD void dkdv_key_cols(I k, I last_query, bool gist_part, I q_lo, I n_cols, const Lay& l, I& lo, I& hi) {
+  if (gist_part) {  // k a gist >= num_sink: every query of the tile, or none
+    lo = 0;
+    hi = q_lo >= k + l.window ? n_cols - 1 : -1;
+    return;
+  }
+  // Dense part: the sinks, and keys at or after local_lo = q_lo - window + 1
+  // that the query sees (causal; a raw key only inside the query's window).
+  const bool in_part = k < l.num_sink || k >= q_lo - l.window + 1;
+  const I last = last_query - q_lo;
+  lo = k - q_lo;
+  hi = !in_part ? -1 : (last < n_cols - 1 ? last : n_cols - 1);
+}
+
 // Number of visible keys of query q over keys [0, num_keys): the mask's
 // non-zeros on row q.
 UNIGIST_HD int64_t row_nnz(int64_t q, int64_t num_keys, const GistLayout& l) {

@@ -11,6 +11,8 @@
 //      (gist g at position g*(ratio+1)+ratio); loops over the query tiles
 //      whose gist part holds them (q_lo >= position + window) and adds into
 //      the gist rows of the fp32 accumulators.
+//      On Hopper (use_sm90_fwd) 3. and 4. are the wgmma kernel of
+//      attention_bwd_dkdv_sm90.cu (128-key blocks, same pair partition).
 //   5. sum the accumulators over each GQA group, convert to the input dtype.
 // Query tiles are the forward's: 64 rows, tile t starting at position
 // q_offset + 64 t, so each (query, key) pair is counted once, in the same
@@ -480,31 +482,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
   cp_async_wait<0>();
 
   // Epilogue: fp32 per-query-head accumulators (dense: write; gist: add).
-  float* dka = p.dk_acc + static_cast<int64_t>(bh) * p.Nk * D;
-  float* dva = p.dv_acc + static_cast<int64_t>(bh) * p.Nk * D;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int kp = kp_row[hr];
-    if (kp < 0) continue;
-    float* dkr = dka + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
-    float* dvr = dva + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
-#pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
-      float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
-      float2* kd = reinterpret_cast<float2*>(dkr + i * 8);
-      float2* vd = reinterpret_cast<float2*>(dvr + i * 8);
-      if (gist_pass) {
-        const float2 k0 = *kd, v0 = *vd;
-        k2.x += k0.x;
-        k2.y += k0.y;
-        v2.x += v0.x;
-        v2.y += v0.y;
-      }
-      *kd = k2;
-      *vd = v2;
-    }
-  }
+  store_dkdv_rows<DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -534,7 +512,7 @@ __global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restri
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, bool sm90_dq, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
+void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
   // 1. delta
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
@@ -542,7 +520,7 @@ void launch_bwd(const AttnParams& p, bool sm90_dq, cudaStream_t stream, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 2. dQ
-  if (sm90_dq) {
+  if (sm90) {
     launch_bwd_dq_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
   } else {
     constexpr int smem = dq_smem_bytes<D>();
@@ -553,7 +531,9 @@ void launch_bwd(const AttnParams& p, bool sm90_dq, cudaStream_t stream, at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // 3./4. dK, dV
-  {
+  if (sm90) {
+    launch_bwd_dkdv_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
+  } else {
     constexpr int smem = dkv_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

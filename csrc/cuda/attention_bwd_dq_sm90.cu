@@ -66,7 +66,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   constexpr int NT = BN / 8;  // key tiles of S and dP
   constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of dQ
   constexpr int KS = D / 16;  // k16 steps of Q K^T and dO V^T
-  constexpr int CPR = D / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   unsigned char* sdO = sQ + C::Q_BYTES;
@@ -114,41 +113,22 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     const T* vg = static_cast<const T*>(p.v) + kv_off;
     // Rows past the tile are zero-filled: their S, dP and dS stay finite and
     // they are never written back.
-#pragma unroll
-    for (int i = 0; i < BM * CPR / 128; ++i) {
-      const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
-      const bool ok = r < rows_here;
-      const int64_t o = ok ? static_cast<int64_t>(r) * D + c * 8 : 0;
-      cp_async16(sQ + sw128_offset<BM>(r, c), qg + o, ok);
-      cp_async16(sdO + sw128_offset<BM>(r, c), dog + o, ok);
-    }
+    gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
+    gather_rows<BM, D>(sdO, dog, 0, 1, rows_here, t);
     cp_async_arrive(q_full);
-    // The forward's constant-stride gather (see attention_fwd_sm90.cu).
-    constexpr int RS = 128 / CPR;
-    constexpr int NCOPY = BN / RS;
-    const int c = t % CPR, r_first = t / CPR;
-    const uint32_t dst0 = sw128_offset<BN>(r_first, c);
-    auto gather = [&](unsigned char* dst, const T* src, int64_t off, int64_t step, int nvalid) {
-      // Zero-filled rows past the block's end: S = 0 there (masked), and the
-      // dS K GEMM multiplies a zero dS by a zero K row, never by garbage.
-#pragma unroll
-      for (int i = 0; i < NCOPY; ++i) {
-        const bool ok = RS * i < nvalid;
-        cp_async16(dst + dst0 + RS * 128 * i, ok ? src + off + step * i : src, ok);
-      }
-    };
+    // The forward's constant-stride gather. Zero-filled rows past the block's
+    // end: S = 0 there (masked), and the dS K GEMM multiplies a zero dS by a
+    // zero K row, never by garbage.
     for (int it = 0; it < nblocks; ++it) {
       const int st = it % STAGES;
       if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
-      const int x0 = first + r_first;
-      const int64_t pos = kind == 1 ? static_cast<int64_t>(x0) * (l.ratio + 1) + l.ratio : x0;
-      const int64_t off = pos * D + c * 8;
-      const int64_t step = static_cast<int64_t>(kind == 1 ? l.ratio + 1 : 1) * RS * D;
-      gather(sK + st * C::KV_BYTES, kg, off, step, end - x0);
+      const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
+      const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
+      gather_rows<BN, D>(sK + st * C::KV_BYTES, kg, pos0, stride, end - first, t);
       cp_async_arrive(k_full(st));
-      gather(sV + st * C::KV_BYTES, vg, off, step, end - x0);
+      gather_rows<BN, D>(sV + st * C::KV_BYTES, vg, pos0, stride, end - first, t);
       cp_async_arrive(v_full(st));
     }
     cp_async_wait<0>();
@@ -189,22 +169,12 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       mbar_wait(k_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
       if (kSplit) wgmma_commit();
       mbar_wait(v_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();  // after the wait loop's branch ptxas would insert one itself
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(do_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(v_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(dp, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BM, BN>(dp, do_addr, v_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     // dQ += dS K: K's rows are this GEMM's k dimension, so it is read MN-major
@@ -212,11 +182,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     auto issue_dq = [&](int it) {
       const int st = it % STAGES;
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const uint64_t dk = make_desc(k_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
-        wgmma_rs<1>(dq, dsf[kk], dk, 1, T{});
-      }
+      wgmma_rs_mnmajor<BN / 16, BN>(dq, dsf, k_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     auto release = [&](int it) {

@@ -316,6 +316,42 @@ struct AttnParams {
   float scale_log2;  // scale * log2(e)
 };
 
+// Epilogue of the dK/dV kernels (mma.sync and wgmma): a thread's key rows
+// kp_row[0..1] (-1: none) of the fp32 per-query-head accumulators, from
+// fragments in the m16n8 accumulator layout (row lane / 4 in [.][0..1], + 8 in
+// [.][2..3]). dK is scaled by softmax_scale; add: accumulate (gist pass).
+template <int DT>
+__device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, const int (&kp_row)[2],
+                                                const float (&dk)[DT][4], const float (&dv)[DT][4], int lane,
+                                                bool add) {
+  constexpr int D = DT * 8;
+  float* dka = p.dk_acc + static_cast<int64_t>(bh) * p.Nk * D;
+  float* dva = p.dv_acc + static_cast<int64_t>(bh) * p.Nk * D;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int kp = kp_row[hr];
+    if (kp < 0) continue;
+    float* dkr = dka + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
+    float* dvr = dva + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
+      float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
+      float2* kd = reinterpret_cast<float2*>(dkr + i * 8);
+      float2* vd = reinterpret_cast<float2*>(dvr + i * 8);
+      if (add) {
+        const float2 k0 = *kd, v0 = *vd;
+        k2.x += k0.x;
+        k2.y += k0.y;
+        v2.x += v0.x;
+        v2.y += v0.y;
+      }
+      *kd = k2;
+      *vd = v2;
+    }
+  }
+}
+
 // Launch grid for `blocks` CTAs per (batch, head); blockIdx -> (block, bh).
 inline dim3 grid_of(const AttnParams& p, int64_t blocks) {
   return p.head_fast ? dim3(p.B * p.Hq, static_cast<unsigned>(blocks))
@@ -387,6 +423,9 @@ void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t 
 // The wgmma dQ kernel of the backward (attention_bwd_dq_sm90.cu), taken on the
 // same condition as the wgmma forward.
 void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// The wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu): both passes (dense, then
+// gist) into dk_acc / dv_acc, in place of gist_attn_bwd_dkdv_kernel; same condition.
+void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
 // set over keys [0, nk) is unchanged.

@@ -65,7 +65,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   constexpr int NT = BN / 8;  // key tiles of S
   constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of O
   constexpr int KS = D / 16;  // k16 steps of Q K^T
-  constexpr int CPR = D / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   unsigned char* sK = sQ + C::Q_BYTES;
@@ -108,43 +107,22 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
     const T* kg = static_cast<const T*>(p.k) + kv_off;
     const T* vg = static_cast<const T*>(p.v) + kv_off;
-#pragma unroll
-    for (int i = 0; i < BM * CPR / 128; ++i) {
-      const int idx = t + i * 128, r = idx / CPR, c = idx % CPR;
-      const bool ok = r < rows_here;
-      cp_async16(sQ + sw128_offset<BM>(r, c), ok ? qg + static_cast<int64_t>(r) * D + c * 8 : qg, ok);
-    }
+    gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
     cp_async_arrive(q_full);
-    // Thread t copies chunk c of rows r_first + RS * i of every K/V block.
-    // Inside a block the rows are consecutive keys (sink / window) or gists
-    // ratio + 1 positions apart, so a thread's source address moves by a
-    // constant step and its swizzled destination by RS rows (RS is a multiple
-    // of 8, which keeps the XOR pattern): no per-row layout math.
-    constexpr int RS = 128 / CPR;
-    constexpr int NCOPY = BN / RS;
-    const int c = t % CPR, r_first = t / CPR;
-    const uint32_t dst0 = sw128_offset<BN>(r_first, c);
-    auto gather = [&](unsigned char* dst, const T* src, int64_t off, int64_t step, int nvalid) {
-      // Rows past the block's end are zero-filled: masked in S, and a zero V
-      // row keeps 0 * garbage from turning into NaN.
-#pragma unroll
-      for (int i = 0; i < NCOPY; ++i) {
-        const bool ok = RS * i < nvalid;
-        cp_async16(dst + dst0 + RS * 128 * i, ok ? src + off + step * i : src, ok);
-      }
-    };
+    // K/V rows of a block are consecutive keys (sink / window) or gists ratio + 1
+    // positions apart: a constant-stride gather (gather_rows). Rows past the
+    // block's end are zero-filled: masked in S, and a zero V row keeps
+    // 0 * garbage from turning into NaN.
     for (int it = 0; it < nblocks; ++it) {
       const int st = it % STAGES;
       if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
-      const int x0 = first + r_first;
-      const int64_t pos = kind == 1 ? static_cast<int64_t>(x0) * (l.ratio + 1) + l.ratio : x0;
-      const int64_t off = pos * D + c * 8;
-      const int64_t step = static_cast<int64_t>(kind == 1 ? l.ratio + 1 : 1) * RS * D;
-      gather(sK + st * C::KV_BYTES, kg, off, step, end - x0);
+      const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
+      const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
+      gather_rows<BN, D>(sK + st * C::KV_BYTES, kg, pos0, stride, end - first, t);
       cp_async_arrive(k_full(st));
-      gather(sV + st * C::KV_BYTES, vg, off, step, end - x0);
+      gather_rows<BN, D>(sV + st * C::KV_BYTES, vg, pos0, stride, end - first, t);
       cp_async_arrive(v_full(st));
     }
     cp_async_wait<0>();
@@ -172,12 +150,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       mbar_wait(k_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint64_t da = make_desc(q_addr + (ks / 4) * BM * 128 + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(k_addr + st * C::KV_BYTES + (ks / 4) * BN * 128 + (ks % 4) * 32, 16, 1024);
-        wgmma_ss<0, 0>(s, da, db, ks > 0, T{});
-      }
+      wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     auto issue_pv = [&](int it) {
@@ -185,11 +158,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       mbar_wait(v_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const uint64_t dv = make_desc(v_addr + st * C::KV_BYTES + kk * 2048, BN * 128, 1024);
-        wgmma_rs<1>(o, pf[kk], dv, 1, T{});
-      }
+      wgmma_rs_mnmajor<BN / 16, BN>(o, pf, v_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
     auto release = [&](int it) {

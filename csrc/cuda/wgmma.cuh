@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "attention_common.cuh"  // cp_async16
+
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define UNIGIST_SM90A 1
 #else
@@ -48,12 +50,62 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, 
 
 #if UNIGIST_SM90A
 
+// ---- producer gather of a row tile ---------------------------------------------
+// The 128 threads of a producer warpgroup copy a tile of ROWS rows x D 16-bit
+// elements into the SW128 layout (sw128_offset<ROWS>). Tile row r is source row
+// pos0 + stride * r (stride 1: consecutive rows, as Q tiles and sink / window
+// keys; ratio + 1: packed gists), for r < nrows; later rows are zero-filled
+// (source not read). Thread t copies chunk t % CPR of tile rows t / CPR + RS * i,
+// so its source address moves by a constant step and its swizzled destination by
+// RS rows (RS a multiple of 8 keeps the XOR pattern): no per-row layout math.
+// Completion is the caller's (cp_async_arrive on an mbarrier).
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, int64_t pos0, int64_t stride,
+                                            int nrows, int t) {
+  constexpr int CPR = D / 8;     // 16-byte chunks per row
+  constexpr int RS = 128 / CPR;  // rows between a thread's copies
+  static_assert(RS % 8 == 0 && ROWS % RS == 0, "tile rows must split over 128 threads in steps of 8");
+  const int c = t % CPR, r_first = t / CPR;
+  const uint32_t dst0 = sw128_offset<ROWS>(r_first, c);
+  const int64_t off = (pos0 + stride * r_first) * D + c * 8;
+  const int64_t step = stride * RS * D;
+  const int nvalid = nrows - r_first;
+#pragma unroll
+  for (int i = 0; i < ROWS / RS; ++i) {
+    const bool ok = RS * i < nvalid;
+    cuda_detail::cp_async16(tile + dst0 + RS * 128 * i, ok ? src + off + step * i : src, ok);
+  }
+}
+
 // ---- warpgroup MMA ----------------------------------------------------------
 // Accumulator fragment of m64nN (f32): warp w of the warpgroup holds rows
 // 16w..16w+15; d[j][0..1] = row lane/4, cols 8j + 2(lane%4) + {0,1};
 // d[j][2..3] = the same cols of row lane/4 + 8 (the mma.sync m16n8 C layout
 // repeated over N/8 tiles). A from registers uses the mma.sync A layout.
 #include "wgmma_ops.inc"
+
+// KS k16 steps of an SS GEMM (d = A B^T over K = 16 KS), both operands K-major
+// SW128 tiles (sw128_offset<A_ROWS> / <B_ROWS>, a slab of 64 K-elements per
+// A_ROWS / B_ROWS rows; the first step overwrites d). Issue only: fence, commit
+// and wait are the caller's.
+template <int KS, int A_ROWS, int B_ROWS, int NT, typename T>
+__device__ __forceinline__ void wgmma_ss_kmajor(float (&d)[NT][4], uint32_t a_addr, uint32_t b_addr, T) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const uint64_t da = make_desc(a_addr + (ks / 4) * A_ROWS * 128 + (ks % 4) * 32, 16, 1024);
+    const uint64_t db = make_desc(b_addr + (ks / 4) * B_ROWS * 128 + (ks % 4) * 32, 16, 1024);
+    wgmma_ss<0, 0>(d, da, db, ks > 0, T{});
+  }
+}
+
+// KK k16 steps of an RS GEMM (d += A B, A from registers in the mma.sync A
+// layout), B read MN-major from a SW128 tile of B_ROWS rows that are the k
+// dimension (V in P V; LBO = slab stride, 16 rows = 2048 bytes per step).
+template <int KK, int B_ROWS, int NT, typename T>
+__device__ __forceinline__ void wgmma_rs_mnmajor(float (&d)[NT][4], const uint32_t (&a)[KK][4], uint32_t b_addr, T) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) wgmma_rs<1>(d, a[kk], make_desc(b_addr + kk * 2048, B_ROWS * 128, 1024), 1, T{});
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {

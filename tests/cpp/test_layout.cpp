@@ -16,6 +16,10 @@ bool brute_visible(int64_t q, int64_t k, const GistLayout& l) {
   return k <= q && (k < l.num_sink || gist || q - k < l.window);
 }
 
+struct L32 {  // the fields of the CUDA kernels' Layout32
+  int ratio, window, num_sink;
+};
+
 std::vector<GistLayout> layouts() {
   std::vector<GistLayout> out;
   for (int64_t r : {1, 2, 3, 4, 8})
@@ -79,6 +83,75 @@ TEST(Layout, TileVisitPartitionsEveryTile) {
               }
               // the backward's per-element partition agrees with the tile's
               EXPECT_EQ(L::in_dense_part(q, k, q_lo, l), vis && part[k] == 1);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// dkdv_tile_range / dkdv_tile_all_in against the per-element partition: for
+// key blocks of both passes (consecutive keys; consecutive gists >= num_sink),
+// every tile outside the range holds no pair of the block in that part, and
+// every pair of an "all in" full tile is in it.
+TEST(Layout, DkdvTileRangeHoldsEveryPair) {
+  for (const auto& l : layouts()) {
+    for (int64_t tile : {1, 3, 4}) {
+      for (int64_t nk : {1, 23, 41}) {
+        for (int64_t q_offset : {int64_t{0}, nk / 3, nk - 1}) {
+          const int64_t nq = nk - q_offset;
+          const int64_t n_tiles = (nq + tile - 1) / tile;
+          for (int gist_part = 0; gist_part < 2; ++gist_part) {
+            // the pass's keys in order: positions (dense) or gist positions >= num_sink
+            std::vector<int64_t> keys;
+            for (int64_t k = 0; k < nk; ++k)
+              if (!gist_part || (L::is_gist(k, l) && k >= l.num_sink)) keys.push_back(k);
+            for (int64_t bn : {1, 2, 5}) {
+              for (size_t b0 = 0; b0 < keys.size(); b0 += bn) {
+                const size_t b1 = std::min(keys.size(), b0 + bn);
+                const L::TileRange r =
+                    L::dkdv_tile_range(keys[b0], keys[b1 - 1], gist_part, q_offset, n_tiles, tile, l);
+                ASSERT_LE(0, r.begin);
+                ASSERT_LE(r.begin, r.end);
+                ASSERT_LE(r.end, n_tiles);
+                for (int64_t t = 0; t < n_tiles; ++t) {
+                  const int64_t q_lo = q_offset + tile * t;
+                  const int64_t q_end = std::min(q_offset + nq, q_lo + tile);
+                  bool all = true;
+                  for (size_t i = b0; i < b1; ++i) {
+                    const int64_t k = keys[i];
+                    for (int64_t q = q_lo; q < q_end; ++q) {
+                      const bool vis = brute_visible(q, k, l);
+                      const bool in = gist_part ? vis && !L::in_dense_part(q, k, q_lo, l) : L::in_dense_part(q, k, q_lo, l);
+                      if (gist_part) {  // the gist pass's per-element test
+                        EXPECT_EQ(in, q_lo >= k + l.window) << "q " << q << " k " << k;
+                      }
+                      {  // the kernels' interval form of the same test
+                        int64_t lo, hi;
+                        const int64_t last = L::dkdv_key_last_query<int64_t>(k, l, int64_t{1} << 40);
+                        L::dkdv_key_cols<int64_t>(k, last, gist_part, q_lo, q_end - q_lo, l, lo, hi);
+                        const int64_t c = q - q_lo;
+                        EXPECT_EQ(in, lo <= c && c <= hi) << "q " << q << " k " << k << " q_lo " << q_lo;
+                        // 32-bit, as in the kernels (Layout32)
+                        const L32 l32{int(l.ratio), int(l.window), int(l.num_sink)};
+                        int lo32, hi32;
+                        const int last32 = L::dkdv_key_last_query<int>(int(k), l32, 1 << 30);
+                        L::dkdv_key_cols<int>(int(k), last32, gist_part, int(q_lo), int(q_end - q_lo), l32, lo32, hi32);
+                        EXPECT_EQ(in, lo32 <= c && c <= hi32);
+                      }
+                      if (in) {
+                        EXPECT_TRUE(t >= r.begin && t < r.end)
+                            << "pair outside the range: q " << q << " k " << k << " tile " << t;
+                      }
+                      all = all && in;
+                    }
+                  }
+                  if (q_end == q_lo + tile && L::dkdv_tile_all_in(keys[b0], keys[b1 - 1], gist_part, q_lo, tile, l)) {
+                    EXPECT_TRUE(all) << "all_in but a pair is not in the part, tile " << t;
+                  }
+                }
+              }
             }
           }
         }

@@ -1,0 +1,418 @@
+// dK/dV of the gist attention backward for Hopper (sm_90a): computes exactly
+// what the two launches of gist_attn_bwd_dkdv_kernel (attention_bwd.cu) compute,
+// with the four GEMMs on warpgroup MMA (FlashAttention-3's backward without its
+// dQ, which has its own kernel). Same two passes and the same pair partition:
+//   dense pass (gist_pass 0): aligned blocks of BN keys; query tiles whose
+//     dense part (layout::in_dense_part) holds some of the block's pairs;
+//     writes every key row of the block into dk_acc / dv_acc.
+//   gist pass (gist_pass 1): blocks of BN packed gists (gist g at position
+//     g * (ratio + 1) + ratio); query tiles whose gist part holds them
+//     (q_lo >= position + window); adds into the gist rows.
+// A query step is one 64-row query tile of the forward partition (kQTile,
+// tile t starts at q_offset + 64 t), so every pair is assigned to the same
+// pass, with the same per-element test, as in the mma.sync kernel.
+//
+// CTA = 3 warpgroups (warp-specialized as the wgmma forward / dQ):
+//   * warpgroup 0 (producer) gathers the block's K and V once (constant-stride
+//     gather_rows: consecutive keys or gists ratio + 1 apart, zero-filled past
+//     the end) and streams the query steps (Q and dO rows, lse and delta) through
+//     a ring of STAGES buffers completing on mbarriers.
+//   * warpgroups 1 and 2 (consumers) own 64 keys each (BN = 128). Keys are the
+//     M dimension of every GEMM:
+//       S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major)
+//       P^T = exp2(S^T * scale_log2 - lse[q] * log2e)   (masked entries 0)
+//       dS^T = P^T * (dP^T - delta[q])
+//       dV += P^T dO, dK += dS^T Q            (wgmma RS, dO and Q read MN-major)
+//     P^T and dS^T come out of the S^T / dP^T accumulators in exactly the
+//     A-operand register layout of the RS GEMMs (as P in the forward's P V).
+//
+// BN = 128 with two consumers rather than BN = 64 with one: the Q/dO stream
+// (the kernel's L2 -> smem traffic) is loaded once per 128 keys, and two
+// consumers let one's exp / dS arithmetic run under the other's GEMMs.
+// Registers per consumer thread (64 keys x 64 queries per step, D = 128): S^T
+// 32 + dP^T 32 + dV 64 + dK 64 + one packed A operand 16 (P^T, then dS^T) =
+// 208 accumulator registers; consumers take 240, the producer 24 (128 * 24 +
+// 256 * 240 = 384 * 168, the CTA's allocation at launch).
+//
+// Schedule of a consumer, step i (commit groups in order):
+//   S^T(i) [behind dK(i-1)]; wait dK(i-1), release stage i-1; dP^T(i);
+//   wait S^T(i); P^T = exp2 (under the dP^T GEMM); pack; dV(i);
+//   wait dP^T(i); dS^T (under the dV GEMM); wait dV(i); pack; dK(i).
+// dP^T(i) is issued only once dK(i-1) is done and dS^T is packed only once
+// dV(i) is: with S^T, dP^T, dK, dV and a second packed operand all in flight,
+// ptxas runs out of registers (measured: C7512, every wgmma serialized,
+// unless the consumers had > 248 registers).
+// The gist pass visits its query steps last to first: every gist block of a
+// head then starts at the head's last tile and the blocks resident together
+// read the same Q / dO rows (the mma.sync order, first to first, has each
+// block at its own offset). The dense pass goes first to last.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "attention_common.cuh"
+#include "layout.h"
+#include "wgmma.cuh"
+
+namespace unigist {
+namespace cuda_detail {
+
+#ifndef UNIGIST_SM90_DKDV_STAGES
+#define UNIGIST_SM90_DKDV_STAGES 4
+#endif
+
+template <int D>
+struct Sm90Dkdv {
+  static constexpr int BN = 128;  // keys per CTA: 2 consumer warpgroups x 64
+  static constexpr int BQ = 64;   // queries per step: one forward query tile (kQTile)
+  // K + V take 64 KB at D = 128, a stage of Q + dO (+ lse, delta) 32.5 KB:
+  // 4 stages fill 195 KB of the 227 KB (5 would not fit).
+  static constexpr int STAGES = UNIGIST_SM90_DKDV_STAGES;
+  static constexpr int THREADS = 384;
+  static constexpr int KV_BYTES = BN * D * 2;
+  static constexpr int Q_BYTES = BQ * D * 2;
+  static constexpr int NBARS = 1 + 3 * STAGES;
+  static constexpr int SMEM = 1024 + 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * STAGES * BQ * 4 + 8 * NBARS;
+  static constexpr int PRODUCER_REGS = 24;
+  static constexpr int CONSUMER_REGS = 240;
+  static_assert(128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= 384 * 168, "register budget");
+  static_assert(SMEM <= 227 * 1024, "shared memory");
+};
+
+// Query steps [begin, end) (64-row tiles) holding a pair of keys [kp_first,
+// kp_last] in the pass: layout::dkdv_tile_range (the mma.sync kernel's bounds,
+// checked against brute force in tests/cpp).
+__device__ __forceinline__ void dkdv_step_range(const Layout32& l, int gist_pass, int kp_first, int kp_last,
+                                                int q_offset, int n_steps, int& begin, int& end) {
+  const layout::TileRange r = layout::dkdv_tile_range(kp_first, kp_last, gist_pass != 0, q_offset, n_steps, 64, l.as64());
+  begin = static_cast<int>(r.begin);
+  end = static_cast<int>(r.end);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const AttnParams p, const int gist_pass) {
+#if UNIGIST_SM90A
+  using namespace sm90;
+  using C = Sm90Dkdv<D>;
+  constexpr int BN = C::BN, BQ = C::BQ, STAGES = C::STAGES;
+  constexpr int NQ = BQ / 8;  // query tiles of S^T and dP^T
+  constexpr int DT = D / 8;   // d tiles of dK, dV
+  constexpr int KS = D / 16;  // k16 steps of K Q^T and V dO^T
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sK = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* sV = sK + C::KV_BYTES;
+  unsigned char* sQ = sV + C::KV_BYTES;             // STAGES tiles
+  unsigned char* sdO = sQ + STAGES * C::Q_BYTES;    // STAGES tiles
+  float* sL = reinterpret_cast<float*>(sdO + STAGES * C::Q_BYTES);  // lse, STAGES x BQ
+  float* sDl = sL + STAGES * BQ;                                    // delta, STAGES x BQ
+  const uint32_t bar0 = smem_u32(sDl + STAGES * BQ);
+  const uint32_t kv_full = bar0;
+  auto q_full = [&](int st) { return bar0 + 8 * (1 + st); };
+  auto do_full = [&](int st) { return bar0 + 8 * (1 + STAGES + st); };
+  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * STAGES + st); };
+
+  int blk, bh, nblk;
+  block_coords(p, blk, bh, nblk);
+  const int b = bh / p.Hq, h = bh % p.Hq;
+  const Layout32 l = p.l;
+  // Keys of the CTA: slot s holds index first + s (a key position in the dense
+  // pass, a gist index in the gist pass) while first + s < end.
+  int first, end;
+  if (gist_pass) {
+    first = l.gists_before(min(l.num_sink, p.Nk)) + blk * BN;
+    end = l.gists_before(p.Nk);
+  } else {
+    first = blk * BN;
+    end = p.Nk;
+  }
+  auto kpos = [&](int s) -> int {
+    const int x = first + s;
+    if (x >= end) return -1;
+    return gist_pass ? l.gist_position(x) : x;
+  };
+  const int n_steps = (p.Nq + BQ - 1) / BQ;
+  // Steps of each consumer's 64 keys (empty: wb >= we); the CTA visits the
+  // smallest range holding both.
+  int wb[2], we[2];
+  int st_begin = n_steps, st_end = 0;
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    const int nv = min(64, end - first - 64 * w);
+    wb[w] = we[w] = 0;
+    if (nv > 0) dkdv_step_range(l, gist_pass, kpos(64 * w), kpos(64 * w + nv - 1), p.q_offset, n_steps, wb[w], we[w]);
+    if (we[w] > wb[w]) {
+      st_begin = min(st_begin, wb[w]);
+      st_end = max(st_end, we[w]);
+    }
+  }
+  if (st_end <= st_begin) st_begin = st_end = 0;
+  const int n_it = st_end - st_begin;
+  // Iteration it visits step step_of(it): first to last (dense), last to first (gist).
+  auto step_of = [&](int it) { return gist_pass ? st_end - 1 - it : st_begin + it; };
+  const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
+
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 128);
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(q_full(st), 128);  // one cp.async arrival per producer thread
+      mbar_init(do_full(st), 128);
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    // ---- producer ----
+    reg_dealloc<C::PRODUCER_REGS>();
+    const int t = threadIdx.x;
+    const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
+    // Zero-filled rows past the block's end: S^T = dP^T = 0 there (masked),
+    // never written back.
+    {
+      const int64_t pos0 = gist_pass ? l.gist_position(first) : first;
+      const int64_t stride = gist_pass ? l.ratio + 1 : 1;
+      gather_rows<BN, D>(sK, static_cast<const T*>(p.k) + kv_off, pos0, stride, end - first, t);
+      gather_rows<BN, D>(sV, static_cast<const T*>(p.v) + kv_off, pos0, stride, end - first, t);
+      cp_async_arrive(kv_full);
+    }
+    const T* qg = static_cast<const T*>(p.q) + qrow0 * D;
+    const T* dog = static_cast<const T*>(p.dout) + qrow0 * D;
+    // Rows past Nq: Q, dO, lse and delta zero-filled (finite S^T, dP^T, dS^T;
+    // their P^T is masked).
+    for (int it = 0; it < n_it; ++it) {
+      const int st = it % STAGES;
+      if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
+      const int t0 = step_of(it) * BQ;
+      const int nrows = p.Nq - t0;
+      gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, nrows, t);
+      if (t < BQ) cp_async4(sL + st * BQ + t, p.lse + qrow0 + (t < nrows ? t0 + t : 0), t < nrows);
+      cp_async_arrive(q_full(st));
+      gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, nrows, t);
+      const int r = t - BQ;
+      if (t >= BQ) cp_async4(sDl + st * BQ + r, p.delta + qrow0 + (r < nrows ? t0 + r : 0), r < nrows);
+      cp_async_arrive(do_full(st));
+    }
+    cp_async_wait<0>();
+  } else {
+    // ---- consumers ----
+    reg_alloc<C::CONSUMER_REGS>();
+    const int wg = threadIdx.x / 128 - 1;
+    const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
+    const int r0 = warp * 16 + lane / 4;  // key row (of the warpgroup's 64) of s[.][0..1]; +8 for [2..3]
+    const int kp_row[2] = {kpos(wg * 64 + r0), kpos(wg * 64 + r0 + 8)};
+    const uint32_t k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
+    const uint32_t q_addr = smem_u32(sQ), do_addr = smem_u32(sdO);
+
+    // This consumer's keys and its active iterations [ia, ib) (a contiguous
+    // part of the CTA's: the step ranges are nested). Outside them it only
+    // waits for each stage and hands it back.
+    const int nv = min(64, end - first - 64 * wg);
+    const int kp_first = kpos(wg * 64), kp_last = nv > 0 ? kpos(wg * 64 + nv - 1) : -1;
+    const int my_b = wg == 0 ? wb[0] : wb[1], my_e = wg == 0 ? we[0] : we[1];
+    int ia, ib;
+    if (my_e <= my_b) {
+      ia = ib = n_it;
+    } else if (gist_pass) {
+      ia = st_end - my_e;
+      ib = st_end - my_b;
+    } else {
+      ia = my_b - st_begin;
+      ib = my_e - st_begin;
+    }
+
+    float dk[DT][4], dv[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+      dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    }
+    float s[NQ][4], dp[NQ][4];
+    // A operand of the RS GEMMs: P^T packed for dV, then dS^T packed for dK
+    // (one array: 16 registers less, at the price of waiting for the dV GEMM
+    // before packing dS^T).
+    uint32_t af[BQ / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) af[kk][0] = af[kk][1] = af[kk][2] = af[kk][3] = 0u;
+
+    auto release = [&](int it) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(it % STAGES));
+    };
+    // A stage this consumer has nothing to do with: it still waits for the
+    // stage's data (so that its arrival falls in the stage's current phase and
+    // no copy is in flight when the producer refills it), then hands it back.
+    auto skip = [&](int it) {
+      const int st = it % STAGES;
+      mbar_wait(q_full(st), (it / STAGES) & 1);
+      mbar_wait(do_full(st), (it / STAGES) & 1);
+      release(it);
+    };
+    auto issue_s = [&](int it) {
+      const int st = it % STAGES;
+      mbar_wait(q_full(st), (it / STAGES) & 1);
+      fence_proxy_async();
+      wgmma_fence();
+      wgmma_ss_kmajor<KS, BN, BQ>(s, k_addr, q_addr + st * C::Q_BYTES, T{});
+      wgmma_commit();
+    };
+    auto issue_dp = [&](int it) {
+      const int st = it % STAGES;
+      mbar_wait(do_full(st), (it / STAGES) & 1);
+      fence_proxy_async();
+      wgmma_fence();
+      wgmma_ss_kmajor<KS, BN, BQ>(dp, v_addr, do_addr + st * C::Q_BYTES, T{});
+      wgmma_commit();
+    };
+    // dV += P^T dO and dK += dS^T Q: the query rows of dO / Q are these GEMMs'
+    // k dimension, so they are read MN-major like V in the forward's P V
+    // (LBO = slab stride of the 64-row tile, 16 rows = 2048 bytes per k16).
+    auto issue_dv = [&](int it) {
+      const int st = it % STAGES;
+      wgmma_fence();
+      wgmma_rs_mnmajor<BQ / 16, BQ>(dv, af, do_addr + st * C::Q_BYTES, T{});
+      wgmma_commit();
+    };
+    auto issue_dk = [&](int it) {
+      const int st = it % STAGES;
+      wgmma_fence();
+      wgmma_rs_mnmajor<BQ / 16, BQ>(dk, af, q_addr + st * C::Q_BYTES, T{});
+      wgmma_commit();
+    };
+    // Does every (key, query) pair of this consumer's keys and tile t0 belong
+    // to this pass? (Then no element test.)
+    auto all_in = [&](int t0) {
+      if (nv < 64 || t0 + BQ > p.Nq) return false;
+      return layout::dkdv_tile_all_in(kp_first, kp_last, gist_pass != 0, p.q_offset + t0, BQ, l.as64());
+    };
+    // Per key row, the part of the element test that does not depend on the
+    // tile (layout::dkdv_key_last_query); slots past the block's end: none.
+    int last_q[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) last_q[hr] = layout::dkdv_key_last_query<int>(kp_row[hr], l, 1 << 30);
+    // P^T in place of S^T, selected (not multiplied) by the mask: an invisible
+    // score may overflow exp2. Element (key row, query col) is counted iff the
+    // mma.sync kernel counts it in this pass: lo <= col <= hi, the interval form
+    // of its test (layout::dkdv_key_cols, checked against it in tests/cpp).
+    auto compute_p = [&](int it) {
+      const int st = it % STAGES;
+      const int t0 = step_of(it) * BQ;
+      const int q_lo = p.q_offset + t0;
+      const float* cL = sL + st * BQ;
+      const bool full = all_in(t0);
+      int lo[2], hi[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        layout::dkdv_key_cols<int>(kp_row[hr], last_q[hr], gist_pass != 0, q_lo, min(BQ, p.Nq - t0), l, lo[hr], hi[hr]);
+        if (kp_row[hr] < 0) hi[hr] = -1;
+        if (full) lo[hr] = -BQ, hi[hr] = BQ;
+      }
+#pragma unroll
+      for (int j = 0; j < NQ; ++j) {
+        const int col0 = j * 8 + 2 * (lane & 3);
+        const float2 lse = *reinterpret_cast<const float2*>(cL + col0);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = col0 + (e & 1);
+          const float pr = exp2f(fmaf(s[j][e], p.scale_log2, -((e & 1) ? lse.y : lse.x) * kLog2e));
+          s[j][e] = col >= lo[e >> 1] && col <= hi[e >> 1] ? pr : 0.f;
+        }
+      }
+    };
+    // dS^T in place of P^T (fp32).
+    auto compute_ds = [&](int it) {
+      const float* cD = sDl + (it % STAGES) * BQ;
+#pragma unroll
+      for (int j = 0; j < NQ; ++j) {
+        const float2 dl = *reinterpret_cast<const float2*>(cD + j * 8 + 2 * (lane & 3));
+        s[j][0] *= dp[j][0] - dl.x;
+        s[j][1] *= dp[j][1] - dl.y;
+        s[j][2] *= dp[j][2] - dl.x;
+        s[j][3] *= dp[j][3] - dl.y;
+      }
+    };
+
+    // One step after its S^T and dP^T GEMMs were issued, the GEMMs of earlier
+    // steps complete. Pending on entry: S^T, dP^T of it.
+    auto step = [&](int it) {
+      wgmma_wait<1>();  // S^T of it
+      reg_fence(s);
+      compute_p(it);
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) pack_p<T>(af[kk], s, kk);
+      issue_dv(it);
+      wgmma_wait<1>();  // dP^T of it; its dV GEMM still running
+      reg_fence(dp);
+      reg_fence(s);
+      compute_ds(it);
+      wgmma_wait<0>();  // the dV GEMM, which reads af
+      reg_fence(af);
+      reg_fence(s);
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) pack_p<T>(af[kk], s, kk);
+      issue_dk(it);
+    };
+
+    for (int it = 0; it < ia; ++it) skip(it);
+    if (ia < ib) {
+      mbar_wait(kv_full, 0);
+      issue_s(ia);
+      issue_dp(ia);
+      step(ia);
+      for (int it = ia + 1; it < ib; ++it) {
+        // The S^T GEMM of it queues behind the dK GEMM of it - 1; dP^T is issued
+        // once that dK GEMM (which reads af) is done: S^T, dP^T, dK and dV
+        // accumulators and af all in flight at once would not fit in 240
+        // registers (ptxas would serialize every wgmma).
+        issue_s(it);
+        wgmma_wait<1>();  // the dK GEMM of it - 1: stage it - 1 is no longer read
+        reg_fence(af);
+        release(it - 1);
+        issue_dp(it);
+        step(it);
+      }
+      wgmma_wait<0>();
+      reg_fence(dk);
+      reg_fence(dv);
+      release(ib - 1);
+    }
+    for (int it = ib; it < n_it; ++it) skip(it);
+
+    // Epilogue: fp32 per-query-head accumulators (dense: every key row of the
+    // block, zeros included; gist: add, nothing to add without a step).
+    if (!gist_pass || ia < ib) store_dkdv_rows<DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
+  }
+#endif
+}
+
+template <typename T, int D>
+void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
+  using C = Sm90Dkdv<D>;
+  auto kernel = gist_attn_bwd_dkdv_sm90_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+  // Heads along x: every head's heaviest blocks (the sink block of the dense
+  // pass, the first gist blocks, which see almost every query) start first.
+  p.head_fast = 1;
+  const int dense_blocks = (p.Nk + C::BN - 1) / C::BN;
+  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const layout::GistLayout gl{p.l.ratio, p.l.window, p.l.num_sink};
+  const int64_t g0 = layout::gists_before(std::min<int64_t>(p.l.num_sink, p.Nk), gl);
+  const int64_t g1 = layout::gists_before(p.Nk, gl);
+  const int64_t gist_blocks = (g1 - g0 + C::BN - 1) / C::BN;
+  if (gist_blocks > 0) {
+    kernel<<<grid_of(p, gist_blocks), C::THREADS, C::SMEM, stream>>>(p, 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
+  if (head_dim == 64) {
+    bf16 ? launch_bwd_dkdv_sm90_t<__nv_bfloat16, 64>(p, stream) : launch_bwd_dkdv_sm90_t<__half, 64>(p, stream);
+  } else {
+    bf16 ? launch_bwd_dkdv_sm90_t<__nv_bfloat16, 128>(p, stream) : launch_bwd_dkdv_sm90_t<__half, 128>(p, stream);
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace unigist
