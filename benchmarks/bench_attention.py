@@ -4,6 +4,13 @@ FlexAttention with the same mask, measured in one run on one GPU.
     python benchmarks/bench_attention.py                 # full table -> benchmarks/results/attention.md
     python benchmarks/bench_attention.py --no-flex --n 8192 32768 --out /tmp/x.md
 
+Flex runs twice: (c) with the UniGist mask on the interleaved layout, and (d) on
+the gist-shifted layout (tokens permuted inside tiles of --shift-tile positions so
+each tile's gists sit at its right end; the mask_mod maps shifted indices back to
+positions with unigist.layout.unshift_position). In (d) the inputs are permuted
+once outside the timing; the permutation's own cost (gather q, k, v and scatter
+the output back) is timed separately.
+
 Useful FLOPs count only the mask's non-zeros: 4 * D * nnz per head forward,
 2.5x that for the backward (so 3.5x for forward+backward).
 """
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unigist  # noqa: E402
 from unigist import GistConfig  # noqa: E402
+from unigist.layout import gist_shift_permutation, unshift_position  # noqa: E402
 
 try:
     from triton.testing import do_bench as _do_bench
@@ -69,14 +77,72 @@ def make_flex(cfg: GistConfig, n: int, device):
     recompiles) Flex ran 3.5x slower on the H100 (98 ms vs 28 ms forward at 32k)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    block_mask = create_block_mask(gist_mask_mod(cfg), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask), block_mask
+
+
+def gist_mask_mod(cfg: GistConfig):
+    """FlexAttention mask_mod of the UniGist mask on interleaved positions."""
     r1, w, s = cfg.ratio + 1, cfg.window, cfg.num_sink
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((kv_idx < s) | (kv_idx % r1 == r1 - 1) | (q_idx - kv_idx < w))
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    return mask_mod
+
+
+def shifted_mask_mod(cfg: GistConfig, n: int, tile: int):
+    """The same mask on the gist-shifted layout: index i holds interleaved
+    position unshift_position(i)."""
+    base = gist_mask_mod(cfg)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return base(b, h, unshift_position(q_idx, tile, n, cfg), unshift_position(kv_idx, tile, n, cfg))
+
+    return mask_mod
+
+
+def make_flex_shifted(cfg: GistConfig, n: int, tile: int, device):
+    """FlexAttention on the gist-shifted layout (inputs and output in shifted
+    order), its block mask, and the permutation (shifted = x[:, :, perm])."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(
+        shifted_mask_mod(cfg, n, tile), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device
+    )
     flex = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: flex(q, k, v, block_mask=block_mask), block_mask
+    perm, inverse = gist_shift_permutation(n, tile, cfg)
+    return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), block_mask, perm.to(device), inverse.to(device)
+
+
+def blocks_visited(block_mask) -> tuple[float, float]:
+    """Share of causal 128x128 blocks the block mask visits, and the partial
+    (mask-evaluated) share of those."""
+    nb = block_mask.kv_num_blocks.shape[-1]
+    partial = int(block_mask.kv_num_blocks.sum())
+    full = int(block_mask.full_kv_num_blocks.sum()) if block_mask.full_kv_num_blocks is not None else 0
+    return (partial + full) / (nb * (nb + 1) / 2), partial / max(partial + full, 1)
+
+
+def bench_flex_shifted(cfg: GistConfig, n: int, args, q, k, v, dout, dev) -> dict:
+    """Times of Flex (d) on the shifted layout, its permutation, and its block counts."""
+    flex, bm, perm, inverse = make_flex_shifted(cfg, n, args.shift_tile, dev)
+    with torch.no_grad():
+        qs, ks, vs, dos = (t[:, :, perm].contiguous() for t in (q, k, v, dout))
+        out = flex(qs, ks, vs)
+        # the shifted run is the same attention: check it once (un-permuted) against the interleaved one
+        ref = unigist.gist_attention(q, k, v, cfg)
+        err = ((out[:, :, inverse].float() - ref.float()).norm() / ref.float().norm()).item()
+        if err > 2e-2:
+            raise RuntimeError(f"Flex on the shifted layout disagrees with unigist: relative error {err:.3g}")
+        fs_f = bench_ms(lambda: flex(qs, ks, vs))
+        perm_ms = bench_ms(lambda: [t[:, :, perm] for t in (q, k, v)] + [out[:, :, inverse]])
+    fs_fb = None
+    if not args.no_bwd:
+        qs, ks, vs = (t.detach().requires_grad_() for t in (qs, ks, vs))
+        fs_fb = bench_ms(lambda: flex(qs, ks, vs).backward(dos), grad_to_none=[qs, ks, vs])
+    return dict(fs_f=fs_f, fs_fb=fs_fb, perm_ms=perm_ms, blocks_sh="{:.2f} ({:.2f})".format(*blocks_visited(bm)))
 
 
 def write_table(rows, args, H, D, final=False):
@@ -107,6 +173,26 @@ def write_table(rows, args, H, D, final=False):
             f"| {f(r['ug_fb'])} | {f(r['tflops_fb'], '{:.0f}')} | {f(r['sdpa_fb'])} | {f(r['fx_fb'])} "
             f"| {ratio(r['sdpa_fb'], r['ug_fb'])} | {ratio(r['fx_fb'], r['ug_fb'])} |"
         )
+    if any(r.get("fs_f") is not None for r in rows):
+        lines += [
+            "",
+            f"FlexAttention (d) on the gist-shifted layout, tiles of {args.shift_tile} positions (inputs permuted "
+            "outside the timing; `permute` is that gather of q, k, v plus the scatter of the output, timed alone). "
+            "Blocks: share of the causal 128x128 blocks each block mask visits (in brackets the share of those "
+            "that evaluate the mask).",
+            "",
+            "| N | r | blocks interleaved | blocks shifted | Flex shifted fwd | Flex shifted / unigist "
+            "| Flex shifted fwd+bwd | Flex shifted / unigist | permute |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r.get("fs_f") is None:
+                continue
+            lines.append(
+                f"| {r['n']} | {r['r']} | {r['blocks_il']} | {r['blocks_sh']} | {f(r['fs_f'])} "
+                f"| {ratio(r['fs_f'], r['ug_f'])} | {f(r['fs_fb'])} | {ratio(r['fs_fb'], r['ug_fb'])} "
+                f"| {f(r['perm_ms'])} |"
+            )
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -123,7 +209,15 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--sinks", type=int, default=128)
-    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-flex", action="store_true", help="leave out both Flex columns")
+    ap.add_argument("--no-flex-shifted", action="store_true", help="leave out Flex on the shifted layout")
+    ap.add_argument(
+        "--shift-tile",
+        type=int,
+        default=4096,
+        help="tile of the gist shift for Flex (d); at 32k r=4 tiles of 1024/2048/4096/8192 leave 32/33/30/28%% "
+        "of the causal blocks, 52/36/29/25%% of them partial",
+    )
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a kernel-time table of one fwd+bwd and exit")
     ap.add_argument(
@@ -172,12 +266,16 @@ def main(argv=None):
             if not args.no_bwd:
                 ug_fb = bench_ms(lambda: unigist.gist_attention(q, k, v, cfg).backward(dout), grad_to_none=[q, k, v])
             fx_f = fx_fb = None
+            shifted = dict(fs_f=None, fs_fb=None, perm_ms=None, blocks_il=None, blocks_sh=None)
             if not args.no_flex:
-                flex, _ = make_flex(cfg, n, dev)
+                flex, bm = make_flex(cfg, n, dev)
                 with torch.no_grad():
                     fx_f = bench_ms(lambda: flex(q, k, v))
                 if not args.no_bwd:
                     fx_fb = bench_ms(lambda: flex(q, k, v).backward(dout), grad_to_none=[q, k, v])
+                if not args.no_flex_shifted:
+                    shifted.update(bench_flex_shifted(cfg, n, args, q, k, v, dout, dev))
+                    shifted["blocks_il"] = "{:.2f} ({:.2f})".format(*blocks_visited(bm))
             flops_f = 4.0 * D * nnz * H
             row = dict(
                 n=n,
@@ -191,13 +289,15 @@ def main(argv=None):
                 fx_fb=fx_fb,
                 tflops_f=flops_f / ug_f * 1e-9,
                 tflops_fb=(3.5 * flops_f / ug_fb * 1e-9) if ug_fb else None,
+                **shifted,
             )
             rows.append(row)
             write_table(rows, args, H, D)
             print(
                 f"N={n:6d} r={r} density={row['density']:.3f} unigist fwd {ug_f:.3f} ms "
                 f"({row['tflops_f']:.0f} TF/s)  sdpa {sdpa_f:.3f}  flex {fx_f}  | fwd+bwd unigist {ug_fb} "
-                f"sdpa {sdpa_fb} flex {fx_fb}",
+                f"sdpa {sdpa_fb} flex {fx_fb} | flex shifted {shifted['fs_f']} / {shifted['fs_fb']} "
+                f"(permute {shifted['perm_ms']})",
                 flush=True,
             )
         del q, k, v, dout

@@ -90,6 +90,21 @@ def test_gist_shift_permutation(ratio, tile):
             assert torch.all(chunk[:k].diff() > 0) and torch.all(chunk[k:].diff() > 0)
 
 
+@pytest.mark.parametrize("ratio", [1, 2, 4, 7])
+@pytest.mark.parametrize("tile", [1, 5, 16, 64])
+def test_unshift_position(ratio, tile):
+    """The arithmetic inverse (ints and tensors) equals the argsort permutation."""
+    cfg = GistConfig(ratio=ratio)
+    for n in (1, tile - 1, tile, 3 * tile + 2, 131):
+        if n < 1:
+            continue
+        perm, _ = layout.gist_shift_permutation(n, tile, cfg)
+        assert torch.equal(layout.unshift_position(torch.arange(n), tile, n, cfg), perm)
+        assert [layout.unshift_position(s, tile, n, cfg) for s in range(n)] == perm.tolist()
+    with pytest.raises(ValueError, match="tile"):
+        layout.unshift_position(0, 0, 10, cfg)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"r{c.ratio}w{c.window}s{c.num_sink}")
 def test_tile_visit_partitions_the_mask(cfg):
     """Every visible (q, k) pair of a query tile is in exactly one part, the gist

@@ -21,6 +21,7 @@ __all__ = [
     "insert_gists",
     "remove_gists",
     "gist_shift_permutation",
+    "unshift_position",
     "TileVisit",
     "tile_visit",
     "row_nnz",
@@ -127,6 +128,29 @@ def gist_shift_permutation(n: int, tile: int, config: Union[GistConfig, int]) ->
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(n)
     return perm, inverse
+
+
+def unshift_position(shifted: IntOrTensor, tile: int, n: int, config: Union[GistConfig, int]) -> IntOrTensor:
+    """Interleaved position of shifted index ``shifted`` (``perm[shifted]`` of
+    :func:`gist_shift_permutation`), by arithmetic alone, as ``layout::unshift_position``.
+
+    Works on ints and on integer tensors (elementwise, no data-dependent control
+    flow), so it can run inside a FlexAttention ``mask_mod``.
+    """
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    r = _ratio(config)
+    start = (shifted // tile) * tile
+    end = torch.clamp(start + tile, max=n) if isinstance(start, torch.Tensor) else min(start + tile, n)
+    g0 = start // (r + 1)
+    raws = (end - start) - (end // (r + 1) - g0)
+    off = shifted - start
+    raw_index = start - g0 + off  # the off-th raw token of the tile, counted over the sequence
+    raw_pos = raw_index + raw_index // r
+    gist_pos = (g0 + off - raws) * (r + 1) + r
+    if isinstance(off, torch.Tensor):
+        return torch.where(off < raws, raw_pos, gist_pos)
+    return raw_pos if off < raws else gist_pos
 
 
 class TileVisit(NamedTuple):
