@@ -3,6 +3,7 @@ FlexAttention with the same mask, measured in one run on one GPU.
 
     python benchmarks/bench_attention.py                 # full table -> benchmarks/results/attention.md
     python benchmarks/bench_attention.py --no-flex --n 8192 32768 --out /tmp/x.md
+    python benchmarks/bench_attention.py --n 32768 --append   # replace/add rows, keep the others
 
 Flex runs twice: (c) with the UniGist mask on the interleaved layout, and (d) on
 the gist-shifted layout (tokens permuted inside tiles of --shift-tile positions so
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -145,7 +147,36 @@ def bench_flex_shifted(cfg: GistConfig, n: int, args, q, k, v, dout, dev) -> dic
     return dict(fs_f=fs_f, fs_fb=fs_fb, perm_ms=perm_ms, blocks_sh="{:.2f} ({:.2f})".format(*blocks_visited(bm)))
 
 
+def _stamp() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def merged_rows(rows, args):
+    """With --append, the rows of earlier runs (saved next to the table as
+    <out>.json) that this run did not measure, then this run's; every row keeps
+    the date of its run. A table too long for one call is built over several."""
+    path = args.out + ".json"
+    keys = {(r["n"], r["r"]) for r in rows}
+    prev = []
+    if args.append and os.path.exists(path):
+        with open(path) as fh:
+            prev = [r for r in json.load(fh) if (r["n"], r["r"]) not in keys]
+        for r in prev:
+            here = (torch.cuda.get_device_name(), torch.__version__, args.shift_tile, args.window, args.sinks)
+            there = (r["device"], r["torch"], r.get("shift_tile"), r.get("window"), r.get("sinks"))
+            if here != there:
+                raise SystemExit(
+                    f"--append: {path} holds rows of (device, torch, shift tile, window, sinks) = {there}, "
+                    f"this run is {here}"
+                )
+    return sorted(prev + rows, key=lambda r: (r["n"], r["r"]))
+
+
 def write_table(rows, args, H, D, final=False):
+    rows = merged_rows(rows, args)
+    with open(args.out + ".json", "w") as fh:
+        json.dump(rows, fh, indent=1)
+
     def f(x, fmt="{:.3f}"):
         return "-" if x is None else fmt.format(x)
 
@@ -156,9 +187,10 @@ def write_table(rows, args, H, D, final=False):
         "# Gist attention speed",
         "",
         f"- device: {torch.cuda.get_device_name()}",
-        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {', '.join(sorted({r['date'] for r in rows}))}",
         f"- B=1, H={H}, D={D}, bf16, window {args.window}, {args.sinks} sinks; times are medians in ms "
-        "(triton.testing.do_bench); all columns measured in this run",
+        "(triton.testing.do_bench); all columns of a row measured in one run"
+        + ("" if len({r["date"] for r in rows}) == 1 else " (rows from runs at the dates above, see the .json)"),
         "- TFLOP/s count only the mask's non-zeros: 4*D*nnz per head forward, 3.5x that for forward+backward",
         "- speedup columns: other method's time / unigist's time (>1 means unigist is faster)",
         "",
@@ -189,7 +221,7 @@ def write_table(rows, args, H, D, final=False):
             if r.get("fs_f") is None:
                 continue
             lines.append(
-                f"| {r['n']} | {r['r']} | {r['blocks_il']} | {r['blocks_sh']} | {f(r['fs_f'])} "
+                f"| {r['n']} | {r['r']} | {r['blocks_il'] or '-'} | {r['blocks_sh'] or '-'} | {f(r['fs_f'])} "
                 f"| {ratio(r['fs_f'], r['ug_f'])} | {f(r['fs_fb'])} | {ratio(r['fs_fb'], r['ug_fb'])} "
                 f"| {f(r['perm_ms'])} |"
             )
@@ -221,6 +253,11 @@ def main(argv=None):
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a kernel-time table of one fwd+bwd and exit")
     ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of earlier runs in --out (from <out>.json) that this run does not measure",
+    )
+    ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention.md")
     )
     args = ap.parse_args(argv)
@@ -229,6 +266,7 @@ def main(argv=None):
     dt = torch.bfloat16
     H, D = args.heads, args.dim
     rows = []
+    stamp = _stamp()
     sdpa_cache = {}
     if args.profile:
         n, cfg = args.n[-1], GistConfig(ratio=args.ratio[0], window=args.window, num_sink=args.sinks)
@@ -290,6 +328,12 @@ def main(argv=None):
                 tflops_f=flops_f / ug_f * 1e-9,
                 tflops_fb=(3.5 * flops_f / ug_fb * 1e-9) if ug_fb else None,
                 **shifted,
+                date=stamp,
+                device=torch.cuda.get_device_name(),
+                torch=torch.__version__,
+                shift_tile=args.shift_tile,
+                window=args.window,
+                sinks=args.sinks,
             )
             rows.append(row)
             write_table(rows, args, H, D)

@@ -3,6 +3,7 @@
 UniGist mask, and the one on the gist-shifted layout is that mask permuted, so
 that Flex (d) computes the same attention."""
 
+import json
 import os
 import sys
 
@@ -48,3 +49,36 @@ def test_flex_shifted_attention_matches_reference(seed):
     ref = gist_attention_reference(q, k, v, cfg)
     err = ((out[:, :, inverse] - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
+
+
+def _row(n, r, date, **kw):
+    row = dict(n=n, r=r, density=0.5, ug_f=1.0, tflops_f=100.0, sdpa_f=2.0, fx_f=4.0, ug_fb=3.0, tflops_fb=90.0)
+    row.update(sdpa_fb=6.0, fx_fb=12.0, fs_f=None, fs_fb=None, perm_ms=None, blocks_il=None, blocks_sh=None)
+    row.update(date=date, device="dev", torch=torch.__version__, shift_tile=4096, window=1024, sinks=128)
+    row.update(kw)
+    return row
+
+
+def test_table_append(tmp_path, monkeypatch):
+    """--append keeps earlier rows it does not remeasure, dates each row, and
+    refuses rows from another device."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "dev")
+    out = str(tmp_path / "t.md")
+    args = types.SimpleNamespace(out=out, window=1024, sinks=128, shift_tile=4096, append=True)
+    ba.write_table([_row(4096, 4, "run1"), _row(32768, 4, "run1")], args, 32, 128)
+    ba.write_table([_row(32768, 4, "run2", ug_f=0.5, fs_f=1.0, fs_fb=2.0, perm_ms=0.1, blocks_sh="0.30 (0.29)")], args, 32, 128)
+    text = open(out).read()
+    table = [line for line in text.splitlines() if line.startswith("| 4096") or line.startswith("| 32768")]
+    assert len(table) == 3  # two main rows and one Flex (d) row
+    assert "| 32768 | 4 | 0.500 | 0.500 |" in text and "run1, run2" in text
+    assert "| 32768 | 4 | - | 0.30 (0.29) | 1.000 | 2.00x | 2.000 | 0.67x | 0.100 |" in text
+    args.append = False
+    ba.write_table([_row(8192, 4, "run3")], args, 32, 128)
+    assert "| 4096 |" not in open(out).read()
+    args.append = True
+    with open(out + ".json", "w") as fh:
+        json.dump([_row(4096, 8, "old", device="other")], fh)
+    with pytest.raises(SystemExit, match="--append"):
+        ba.write_table([_row(8192, 4, "run4")], args, 32, 128)
