@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Device runs of the wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu), in two
-# calls that fit the 10-minute limit (the second reuses the first's build):
+# Device runs of the wgmma backward (dQ and dK/dV kernels; written for
+# attention_bwd_dkdv_sm90.cu, whose ptxas report it prints), in two calls that
+# fit the 10-minute limit (the second reuses the first's build):
 #   test  (default): build (+ ptxas report of the new kernel), smoke test, CUDA
 #         tests, memcheck of a small case (~6-7 min)
 #   bench: build, per-kernel profile of fwd+bwd at 32k r=4/8 and A/B benchmark

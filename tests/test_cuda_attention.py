@@ -37,6 +37,23 @@ CASES = [
 ]
 
 
+# Layouts that cut the wgmma dK/dV kernel's 128-key blocks (two consumers of 64
+# keys) in every way: sinks ending inside a consumer's keys (200, 77) or on a
+# block edge (128), windows not a multiple of the 64-row query tile, every
+# ratio, query chunks (q_offset) with keys before the first query's window and
+# past the last query, odd lengths.
+DKDV_CASES = [
+    # (q_len, k_len, q_offset, ratio, window, num_sink)
+    (1500, 1500, 0, 4, 100, 200),
+    (1337, 1337, 0, 1, 65, 77),
+    (1100, 1100, 0, 8, 1024, 128),
+    (900, 900, 0, 2, 1, 0),
+    (333, 2500, 1900, 4, 130, 3),
+    (200, 2000, 1500, 3, 64, 0),
+    (2049, 2049, 0, 4, 2000, 200),
+]
+
+
 def _case_id(c):
     return "nq{}_nk{}_off{}_r{}_w{}_s{}".format(*c)
 
@@ -364,7 +381,7 @@ def _check_bwd(q, k, v, cfg, off, tol, scale=None):
             assert err < tol, (name, err)
 
 
-@pytest.mark.parametrize("case", CASES[1:], ids=_case_id)
+@pytest.mark.parametrize("case", CASES[1:] + DKDV_CASES, ids=_case_id)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_paths_match_reference(seed, bwd_path, case, d, dtype):
@@ -416,33 +433,6 @@ def test_backward_paths_agree(seed, monkeypatch):
     (dq80, dk80, dv80), (dq90, dk90, dv90) = _bwd_both_paths(q, k, v, cfg, 0, monkeypatch)
     assert rel_err(dq90, dq80) < 2e-3
     assert rel_err(dk90, dk80) < 2e-3 and rel_err(dv90, dv80) < 2e-3
-
-
-# Layouts that cut the wgmma dK/dV kernel's 128-key blocks (two consumers of 64
-# keys) in every way: sinks ending inside a consumer's keys (200, 77) or on a
-# block edge (128), windows not a multiple of the 64-row query tile, every
-# ratio, query chunks (q_offset) with keys before the first query's window and
-# past the last query, odd lengths.
-DKDV_CASES = [
-    # (q_len, k_len, q_offset, ratio, window, num_sink)
-    (1500, 1500, 0, 4, 100, 200),
-    (1337, 1337, 0, 1, 65, 77),
-    (1100, 1100, 0, 8, 1024, 128),
-    (900, 900, 0, 2, 1, 0),
-    (333, 2500, 1900, 4, 130, 3),
-    (200, 2000, 1500, 3, 64, 0),
-    (2049, 2049, 0, 4, 2000, 200),
-]
-
-
-@pytest.mark.parametrize("case", DKDV_CASES, ids=_case_id)
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_paths_dkdv_layouts(seed, bwd_path, case, d, dtype):
-    nq, nk, off, r, w, s = case
-    cfg = GistConfig(ratio=r, window=w, num_sink=s)
-    q, k, v = _inputs(1, 4, 2, nq, nk, d, dtype)  # GQA group 2
-    _check_bwd(q, k, v, cfg, off, BWD_TOL[dtype])
 
 
 @pytest.mark.parametrize("case", DKDV_CASES, ids=_case_id)
