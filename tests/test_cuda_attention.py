@@ -381,22 +381,27 @@ def _check_bwd(q, k, v, cfg, off, tol, scale=None):
             assert err < tol, (name, err)
 
 
+# Group 1 (one query head per key head) and GQA take different epilogues: the
+# dense dK/dV pass writes the input dtype directly, or fp32 per query head
+# summed by reduce_group_kernel.
+@pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
 @pytest.mark.parametrize("case", CASES[1:] + DKDV_CASES, ids=_case_id)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_paths_match_reference(seed, bwd_path, case, d, dtype):
+def test_backward_paths_match_reference(seed, bwd_path, case, d, dtype, hkv):
     nq, nk, off, r, w, s = case
     cfg = GistConfig(ratio=r, window=w, num_sink=s)
-    q, k, v = _inputs(1, 4, 2, nq, nk, d, dtype)  # GQA group 2
+    q, k, v = _inputs(1, 4, hkv, nq, nk, d, dtype)
     _check_bwd(q, k, v, cfg, off, BWD_TOL[dtype])
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["group1", "group4"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_paths_long(seed, bwd_path, d, dtype):
+def test_backward_paths_long(seed, bwd_path, d, dtype, heads):
     """Default layout over many key blocks of every kind, a query chunk with
-    q_offset, odd lengths, GQA 4."""
-    q, k, v = _inputs(1, 4, 1, 1531, 5003, d, dtype)
+    q_offset, odd lengths; group 1 and GQA 4."""
+    q, k, v = _inputs(1, *heads, 1531, 5003, d, dtype)
     _check_bwd(q, k, v, GistConfig(), 5003 - 1531, BWD_TOL[dtype])
 
 
@@ -435,16 +440,17 @@ def test_backward_paths_agree(seed, monkeypatch):
     assert rel_err(dk90, dk80) < 2e-3 and rel_err(dv90, dv80) < 2e-3
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["group1", "group4"])
 @pytest.mark.parametrize("case", DKDV_CASES, ids=_case_id)
 @pytest.mark.parametrize("d", [64, 128])
-def test_dkdv_paths_agree(seed, monkeypatch, case, d):
+def test_dkdv_paths_agree(seed, monkeypatch, case, d, heads):
     """wgmma vs mma.sync dK/dV on the same inputs, fp16 (rounding 5e-4): a pair
     counted twice or left out by one partition shows as a large difference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs a compute-capability 9.0 GPU")
     nq, nk, off, r, w, s = case
     cfg = GistConfig(ratio=r, window=w, num_sink=s)
-    q, k, v = _inputs(2, 4, 1, nq, nk, d, torch.float16)  # batch 2, GQA group 4
+    q, k, v = _inputs(2, *heads, nq, nk, d, torch.float16)  # batch 2
     (_, dk80, dv80), (_, dk90, dv90) = _bwd_both_paths(q, k, v, cfg, off, monkeypatch)
     for name, a, b in (("dk", dk90, dk80), ("dv", dv90, dv80)):
         assert torch.isfinite(a).all(), name

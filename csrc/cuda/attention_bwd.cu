@@ -257,8 +257,9 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
 }
 
 // ---------------------------------------------------------------------------
-// 3./4. dK/dV kernel. gist_pass == 0: dense pass over aligned key blocks;
-// gist_pass == 1: packed gist blocks, accumulating into the gist rows.
+// 3./4. dK/dV kernel. gist_pass == 1 (launched first): packed gist blocks,
+// writing the gist rows' partials; gist_pass == 0: dense pass over aligned key
+// blocks, adding them (store_dkdv_rows).
 template <int D>
 constexpr int dkv_bq() {
   return D == 128 ? 32 : 64;  // query rows per inner step (divides kQTile)
@@ -481,8 +482,9 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
   }
   cp_async_wait<0>();
 
-  // Epilogue: fp32 per-query-head accumulators (dense: write; gist: add).
-  store_dkdv_rows<DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
+  // Epilogue: every row, also those without a step (the dense pass reads the
+  // gist pass's partials).
+  store_dkdv_rows<T, DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -512,7 +514,7 @@ __global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restri
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream, at::Tensor& dk, at::Tensor& dv) {
+void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream) {
   // 1. delta
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
@@ -537,26 +539,24 @@ void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream, at::Tensor&
     constexpr int smem = dkv_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const int dense_blocks = (p.Nk + kKBlock - 1) / kKBlock;
-    kernel<<<grid_of(p, dense_blocks), kBwdThreads, smem, stream>>>(p, 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t g0 = layout::gists_before(std::min<int64_t>(p.l.num_sink, p.Nk),
-                                            layout::GistLayout{p.l.ratio, p.l.window, p.l.num_sink});
-    const int64_t g1 = layout::gists_before(p.Nk, layout::GistLayout{p.l.ratio, p.l.window, p.l.num_sink});
-    const int64_t gist_blocks = (g1 - g0 + kKBlock - 1) / kKBlock;
+    const int64_t gist_blocks = (p.n_gist_rows + kKBlock - 1) / kKBlock;
     if (gist_blocks > 0) {
       kernel<<<grid_of(p, gist_blocks), kBwdThreads, smem, stream>>>(p, 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    const int dense_blocks = (p.Nk + kKBlock - 1) / kKBlock;
+    kernel<<<grid_of(p, dense_blocks), kBwdThreads, smem, stream>>>(p, 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // 5. group sums
+  // 5. group sums (group 1: the dense pass wrote dk and dv)
+  if (p.group == 1) return;
   const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
   const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * per_head / 4;
   const unsigned nb = static_cast<unsigned>((total4 + 255) / 256);
-  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dk_acc, static_cast<T*>(dk.data_ptr()), per_head,
+  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dk_acc, static_cast<T*>(p.dk), per_head,
                                                  p.group, total4);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dv_acc, static_cast<T*>(dv.data_ptr()), per_head,
+  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dv_acc, static_cast<T*>(p.dv), per_head,
                                                  p.group, total4);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -601,8 +601,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
     return {dq, dk, dv};
   }
   at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
-  at::Tensor dk_acc = at::empty({B, Hq, Nk, D}, q.options().dtype(at::kFloat));
-  at::Tensor dv_acc = at::empty({B, Hq, Nk, D}, q.options().dtype(at::kFloat));
+  const auto f32 = q.options().dtype(at::kFloat);
+  // Per query head fp32 dK/dV only when query heads share a key head.
+  const int64_t acc_rows = Hq == Hkv ? 0 : Nk;
+  at::Tensor dk_acc = at::empty({B, Hq, acc_rows, D}, f32);
+  at::Tensor dv_acc = at::empty({B, Hq, acc_rows, D}, f32);
+  const Layout32 l = clamp_layout(ratio, window, num_sink, Nk);
+  const layout::GistLayout gl{l.ratio, l.window, l.num_sink};
+  const int64_t n_gist_rows =
+      layout::gists_before(Nk, gl) - layout::gists_before(std::min<int64_t>(l.num_sink, Nk), gl);
+  at::Tensor dk_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
+  at::Tensor dv_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
 
   AttnParams p{};
   p.q = qc.data_ptr();
@@ -613,8 +622,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   p.lse = lc.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
   p.dk_acc = dk_acc.data_ptr<float>();
   p.dv_acc = dv_acc.data_ptr<float>();
+  p.dk_gist = dk_gist.data_ptr<float>();
+  p.dv_gist = dv_gist.data_ptr<float>();
+  p.n_gist_rows = static_cast<int>(n_gist_rows);
   p.B = static_cast<int>(B);
   p.Hq = static_cast<int>(Hq);
   p.Hkv = static_cast<int>(Hkv);
@@ -623,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   p.Nk = static_cast<int>(Nk);
   p.q_offset = static_cast<int>(q_offset);
   p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
-  p.l = clamp_layout(ratio, window, num_sink, Nk);
+  p.l = l;
   p.scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
 
@@ -631,11 +645,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const bool sm90 = use_sm90_fwd(q.get_device());
   if (D == 64) {
-    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, sm90, stream, dk, dv)
-         : launch_bwd<__half, 64>(p, sm90, stream, dk, dv);
+    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, sm90, stream)
+         : launch_bwd<__half, 64>(p, sm90, stream);
   } else {
-    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, sm90, stream, dk, dv)
-         : launch_bwd<__half, 128>(p, sm90, stream, dk, dv);
+    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, sm90, stream)
+         : launch_bwd<__half, 128>(p, sm90, stream);
   }
   return {dq, dk, dv};
 }

@@ -378,9 +378,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     }
     for (int it = ib; it < n_it; ++it) skip(it);
 
-    // Epilogue: fp32 per-query-head accumulators (dense: every key row of the
-    // block, zeros included; gist: add, nothing to add without a step).
-    if (!gist_pass || ia < ib) store_dkdv_rows<DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
+    // Epilogue: every key row of the block, zeros included (the dense pass
+    // reads the gist pass's partials).
+    store_dkdv_rows<T, DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
   }
 #endif
 }
@@ -393,17 +393,15 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
   // Heads along x: every head's heaviest blocks (the sink block of the dense
   // pass, the first gist blocks, which see almost every query) start first.
   p.head_fast = 1;
-  const int dense_blocks = (p.Nk + C::BN - 1) / C::BN;
-  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const layout::GistLayout gl{p.l.ratio, p.l.window, p.l.num_sink};
-  const int64_t g0 = layout::gists_before(std::min<int64_t>(p.l.num_sink, p.Nk), gl);
-  const int64_t g1 = layout::gists_before(p.Nk, gl);
-  const int64_t gist_blocks = (g1 - g0 + C::BN - 1) / C::BN;
+  // The gist pass first: the dense pass adds its partials.
+  const int64_t gist_blocks = (p.n_gist_rows + C::BN - 1) / C::BN;
   if (gist_blocks > 0) {
     kernel<<<grid_of(p, gist_blocks), C::THREADS, C::SMEM, stream>>>(p, 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  const int dense_blocks = (p.Nk + C::BN - 1) / C::BN;
+  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {

@@ -37,6 +37,13 @@ namespace cuda_detail {
 #ifndef UNIGIST_SM90_DQ_PINGPONG
 #define UNIGIST_SM90_DQ_PINGPONG 0
 #endif
+// Q in registers: S = Q K^T as wgmma RS instead of SS. At BN = 64 an SS
+// m64n64k16 reads 4 KB of shared memory per 32 tensor-core cycles, the SM's
+// whole shared-memory bandwidth; with A from registers it reads half. Costs
+// 32 consumer registers at D = 128.
+#ifndef UNIGIST_SM90_DQ_QREG
+#define UNIGIST_SM90_DQ_QREG 0
+#endif
 #ifndef UNIGIST_SM90_DQ_STAGES
 #define UNIGIST_SM90_DQ_STAGES 4
 #endif
@@ -53,8 +60,8 @@ struct Sm90Dq {
   static constexpr int KV_BYTES = BN * D * 2;
   static constexpr int NBARS = 1 + 3 * STAGES;
   static constexpr int SMEM = 1024 + 2 * Q_BYTES + 2 * STAGES * KV_BYTES + 8 * NBARS;
-  static constexpr int PRODUCER_REGS = 56;
-  static constexpr int CONSUMER_REGS = 224;
+  static constexpr int PRODUCER_REGS = UNIGIST_SM90_DQ_QREG ? 40 : 56;
+  static constexpr int CONSUMER_REGS = UNIGIST_SM90_DQ_QREG ? 232 : 224;
 };
 
 template <typename T, int D>
@@ -161,6 +168,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     for (int i = 0; i < DT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
     float s[NT][4], dp[NT][4];
     uint32_t dsf[BN / 16][4];
+#if UNIGIST_SM90_DQ_QREG
+    uint32_t qf[KS][4];
+#endif
 
     // S and dP of block it as two commit groups: P = exp2(...) of block it
     // runs while its dP GEMM (and the dQ GEMM of block it - 1) are in flight.
@@ -169,7 +179,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       mbar_wait(k_full(st), (it / STAGES) & 1);
       fence_proxy_async();
       wgmma_fence();
+#if UNIGIST_SM90_DQ_QREG
+      wgmma_rs_kmajor<KS, BN>(s, qf, k_addr + st * C::KV_BYTES, T{});
+#else
       wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
+#endif
       if (kSplit) wgmma_commit();
       mbar_wait(v_full(st), (it / STAGES) & 1);
       fence_proxy_async();
@@ -233,6 +247,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     if (wg == 1) your_turn();
 
     mbar_wait(q_full, 0);
+#if UNIGIST_SM90_DQ_QREG
+    load_a_frags<BM, KS>(qf, sQ, wg * 64 + warp * 16, lane);
+#endif
     if (nblocks > 0) {
       my_turn();
       issue_sdp(0);

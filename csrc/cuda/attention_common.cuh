@@ -306,8 +306,13 @@ struct AttnParams {
   float* lse;       // [B, Hq, Nq]
   const float* delta;  // backward: rowsum(dout * out) [B, Hq, Nq]
   void* dq;         // backward
-  float* dk_acc;    // backward: per q-head fp32 [B, Hq, Nk, D]
+  void* dk;         // backward, group 1: dK, dV [B, Hkv, Nk, D]
+  void* dv;
+  float* dk_acc;    // backward, group > 1: per q-head fp32 [B, Hq, Nk, D]
   float* dv_acc;
+  float* dk_gist;   // backward: gist pass partials [B, Hq, n_gist_rows, D]
+  float* dv_gist;
+  int n_gist_rows;  // gists at or past num_sink
   int B, Hq, Hkv, group, Nq, Nk;
   int q_offset;
   int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
@@ -317,37 +322,54 @@ struct AttnParams {
 };
 
 // Epilogue of the dK/dV kernels (mma.sync and wgmma): a thread's key rows
-// kp_row[0..1] (-1: none) of the fp32 per-query-head accumulators, from
-// fragments in the m16n8 accumulator layout (row lane / 4 in [.][0..1], + 8 in
-// [.][2..3]). dK is scaled by softmax_scale; add: accumulate (gist pass).
-template <int DT>
+// kp_row[0..1] (-1: none), from fragments in the m16n8 accumulator layout (row
+// lane / 4 in [.][0..1], + 8 in [.][2..3]); dK is scaled by softmax_scale.
+// The gist pass runs first and writes the fp32 partial of each gist row past
+// the sinks, per query head, packed by gist index (1/(ratio+1) of the keys'
+// memory). The dense pass adds it and writes the final rows: in the input
+// dtype when a key head has one query head (no group sum, no fp32 copy of dK
+// and dV), else fp32 per query head for reduce_group_kernel.
+template <typename T, int DT>
 __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, const int (&kp_row)[2],
                                                 const float (&dk)[DT][4], const float (&dv)[DT][4], int lane,
-                                                bool add) {
+                                                bool gist_pass) {
+  using TT = TypeTraits<T>;
   constexpr int D = DT * 8;
-  float* dka = p.dk_acc + static_cast<int64_t>(bh) * p.Nk * D;
-  float* dva = p.dv_acc + static_cast<int64_t>(bh) * p.Nk * D;
+  const int col = 2 * (lane & 3);
+  const int g0 = p.l.gists_before(min(p.l.num_sink, p.Nk));
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int kp = kp_row[hr];
     if (kp < 0) continue;
-    float* dkr = dka + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
-    float* dvr = dva + static_cast<int64_t>(kp) * D + 2 * (lane & 3);
+    const bool gist_row = kp >= p.l.num_sink && p.l.is_gist(kp);
+    const int64_t gist_off =
+        gist_row ? (static_cast<int64_t>(bh) * p.n_gist_rows + (p.l.gists_before(kp) - g0)) * D + col : 0;
+    const int64_t row_off = (static_cast<int64_t>(bh) * p.Nk + kp) * D + col;
 #pragma unroll
     for (int i = 0; i < DT; ++i) {
       float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
       float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
-      float2* kd = reinterpret_cast<float2*>(dkr + i * 8);
-      float2* vd = reinterpret_cast<float2*>(dvr + i * 8);
-      if (add) {
-        const float2 k0 = *kd, v0 = *vd;
+      float2* gk = reinterpret_cast<float2*>(p.dk_gist + gist_off + i * 8);
+      float2* gv = reinterpret_cast<float2*>(p.dv_gist + gist_off + i * 8);
+      if (gist_pass) {
+        *gk = k2;
+        *gv = v2;
+        continue;
+      }
+      if (gist_row) {
+        const float2 k0 = *gk, v0 = *gv;
         k2.x += k0.x;
         k2.y += k0.y;
         v2.x += v0.x;
         v2.y += v0.y;
       }
-      *kd = k2;
-      *vd = v2;
+      if (p.group == 1) {
+        reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + row_off + i * 8)[0] = TT::pack(k2.x, k2.y);
+        reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + row_off + i * 8)[0] = TT::pack(v2.x, v2.y);
+      } else {
+        *reinterpret_cast<float2*>(p.dk_acc + row_off + i * 8) = k2;
+        *reinterpret_cast<float2*>(p.dv_acc + row_off + i * 8) = v2;
+      }
     }
   }
 }

@@ -107,6 +107,26 @@ __device__ __forceinline__ void wgmma_rs_mnmajor(float (&d)[NT][4], const uint32
   for (int kk = 0; kk < KK; ++kk) wgmma_rs<1>(d, a[kk], make_desc(b_addr + kk * 2048, B_ROWS * 128, 1024), 1, T{});
 }
 
+// A from registers (per k16 step, the m16n8k16 A fragment of the warp's 16
+// rows), B K-major: D (+)= A B^T.
+template <int KS, int B_ROWS, int NT, typename T>
+__device__ __forceinline__ void wgmma_rs_kmajor(float (&d)[NT][4], const uint32_t (&a)[KS][4], uint32_t b_addr, T) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    wgmma_rs<0>(d, a[ks], make_desc(b_addr + (ks / 4) * B_ROWS * 128 + (ks % 4) * 32, 16, 1024), ks > 0, T{});
+}
+
+// The A fragments of rows row0 .. row0 + 15 of a K-major sw128 tile of ROWS
+// rows, for every k16 step: ldmatrix x4 reads (rows 0-7, k 0-7), (rows 8-15,
+// k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15), the fragment's a[0..3].
+template <int ROWS, int KS>
+__device__ __forceinline__ void load_a_frags(uint32_t (&a)[KS][4], const unsigned char* tile, int row0, int lane) {
+  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    cuda_detail::ldmatrix_x4(a[ks], cuda_detail::smem_u32(tile + sw128_offset<ROWS>(r, 2 * ks + (lane >> 4))));
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
