@@ -271,6 +271,50 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float scale, f
   }
 }
 
+// online_softmax with a lazy running max (FlashAttention-4's trick): the max a
+// row's probabilities are taken against moves only when the block's max exceeds
+// it by more than kLazyMaxSlack (log2 units), so P <= 2^8 and most blocks of a
+// long row leave the output unscaled. Exact: the output, the row sum and the
+// lse all use the same max. Returns whether any row of the warp needs its
+// output scaled (alpha != 1), a warp-uniform answer.
+constexpr float kLazyMaxSlack = 8.f;
+template <int NT>
+__device__ __forceinline__ bool online_softmax_lazy(float (&s)[NT][4], float scale, float (&m)[2],
+                                                    float (&lsum)[2], float (&alpha)[2]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+  }
+  float m_use[2];
+  bool moved = false;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    const float cand = mx[hr] * scale;
+    // m = -inf (nothing visible yet) always moves; -inf - -inf is NaN, not > slack.
+    const bool move = m[hr] == -INFINITY ? cand > -INFINITY : cand - m[hr] > kLazyMaxSlack;
+    const float m_new = move ? cand : m[hr];
+    m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hr] = move ? exp2f(m[hr] - m_use[hr]) : 1.f;
+    m[hr] = m_new;
+    lsum[hr] *= alpha[hr];
+    moved |= move;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    s[j][0] = exp2f(fmaf(s[j][0], scale, -m_use[0]));
+    s[j][1] = exp2f(fmaf(s[j][1], scale, -m_use[0]));
+    s[j][2] = exp2f(fmaf(s[j][2], scale, -m_use[1]));
+    s[j][3] = exp2f(fmaf(s[j][3], scale, -m_use[1]));
+    lsum[0] += s[j][0] + s[j][1];
+    lsum[1] += s[j][2] + s[j][3];
+  }
+  return __any_sync(0xffffffffu, moved);
+}
+
 // A-operand fragment (m16k16) of keys 16kk..16kk+15 from probabilities s.
 template <typename T, int NT>
 __device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[NT][4], int kk) {

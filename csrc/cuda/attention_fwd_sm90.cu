@@ -38,6 +38,11 @@ struct Sm90Fwd {
   // K/V ring depth, 3 stages: with Q 225 KB at D=128 (of 227 KB), one CTA per
   // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
   // UNIGIST_SM90_STAGES128 / UNIGIST_SM90_PINGPONG exist for A/B builds.
+// Lazy running max (online_softmax_lazy): the output is rescaled only in the
+// blocks where some row's max grew by more than 2^8. A/B switch.
+#ifndef UNIGIST_SM90_FWD_LAZY_MAX
+#define UNIGIST_SM90_FWD_LAZY_MAX 0
+#endif
 #ifndef UNIGIST_SM90_PINGPONG
 #define UNIGIST_SM90_PINGPONG 0
 #endif
@@ -165,12 +170,19 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       __syncwarp();
       if (lane == 0) mbar_arrive(empty(it % STAGES));
     };
-    auto softmax = [&](int it, float (&alpha)[2]) {
+    // Returns whether the output must be scaled by alpha (always without the
+    // lazy max).
+    auto softmax = [&](int it, float (&alpha)[2]) -> bool {
       const float scale = prescale_unless_positive(s, p.scale_log2);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
       if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
+#if UNIGIST_SM90_FWD_LAZY_MAX
+      return online_softmax_lazy(s, scale, m_r, l_r, alpha);
+#else
       online_softmax(s, scale, m_r, l_r, alpha);
+      return true;
+#endif
     };
     auto pack_all = [&] {
 #pragma unroll
@@ -207,17 +219,19 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
         your_turn();
         wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
         reg_fence(s);
-        softmax(it, alpha);
+        const bool rescale = softmax(it, alpha);
         wgmma_wait<0>();
         reg_fence(o);
         reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
         release(it - 1);
+        if (rescale) {
 #pragma unroll
-        for (int i = 0; i < DT; ++i) {
-          o[i][0] *= alpha[0];
-          o[i][1] *= alpha[0];
-          o[i][2] *= alpha[1];
-          o[i][3] *= alpha[1];
+          for (int i = 0; i < DT; ++i) {
+            o[i][0] *= alpha[0];
+            o[i][1] *= alpha[0];
+            o[i][2] *= alpha[1];
+            o[i][3] *= alpha[1];
+          }
         }
         pack_all();
       }
