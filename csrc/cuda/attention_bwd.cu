@@ -299,21 +299,9 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
   const T* qg = static_cast<const T*>(p.q) + qrow0 * D;
   const T* dog = static_cast<const T*>(p.dout) + qrow0 * D;
 
-  // Keys of this CTA: slot s -> position (or -1).
-  int first, end;  // dense: key positions; gist: gist indices
-  if (gist_pass) {
-    const int g0 = l.gists_before(min(l.num_sink, p.Nk));
-    first = g0 + blk * BN;
-    end = l.gists_before(p.Nk);
-  } else {
-    first = blk * BN;
-    end = p.Nk;
-  }
-  auto kpos = [&](int s) -> int {
-    const int x = first + s;
-    if (x >= end) return -1;
-    return gist_pass ? l.gist_position(x) : x;
-  };
+  const DkdvKeys keys(p, gist_pass, blk, BN);
+  const int first = keys.first, end = keys.end;
+  auto kpos = [&](int s) { return keys.pos(s); };
   const int n_valid = min(BN, end - first);
   const int kp_first = kpos(0), kp_last = kpos(n_valid - 1);
 

@@ -105,31 +105,19 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   unsigned char* sdO = sQ + STAGES * C::Q_BYTES;    // STAGES tiles
   float* sL = reinterpret_cast<float*>(sdO + STAGES * C::Q_BYTES);  // lse, STAGES x BQ
   float* sDl = sL + STAGES * BQ;                                    // delta, STAGES x BQ
-  const uint32_t bar0 = smem_u32(sDl + STAGES * BQ);
-  const uint32_t kv_full = bar0;
-  auto q_full = [&](int st) { return bar0 + 8 * (1 + st); };
-  auto do_full = [&](int st) { return bar0 + 8 * (1 + STAGES + st); };
-  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * STAGES + st); };
+  const RingBarriers<STAGES> bars{smem_u32(sDl + STAGES * BQ)};
+  const uint32_t kv_full = bars.once();
+  auto q_full = [&](int st) { return bars.full0(st); };
+  auto do_full = [&](int st) { return bars.full1(st); };
+  auto empty = [&](int st) { return bars.empty(st); };
 
   int blk, bh, nblk;
   block_coords(p, blk, bh, nblk);
   const int b = bh / p.Hq, h = bh % p.Hq;
   const Layout32 l = p.l;
-  // Keys of the CTA: slot s holds index first + s (a key position in the dense
-  // pass, a gist index in the gist pass) while first + s < end.
-  int first, end;
-  if (gist_pass) {
-    first = l.gists_before(min(l.num_sink, p.Nk)) + blk * BN;
-    end = l.gists_before(p.Nk);
-  } else {
-    first = blk * BN;
-    end = p.Nk;
-  }
-  auto kpos = [&](int s) -> int {
-    const int x = first + s;
-    if (x >= end) return -1;
-    return gist_pass ? l.gist_position(x) : x;
-  };
+  const DkdvKeys keys(p, gist_pass, blk, BN);
+  const int first = keys.first, end = keys.end;
+  auto kpos = [&](int s) { return keys.pos(s); };
   const int n_steps = (p.Nq + BQ - 1) / BQ;
   // Steps of each consumer's 64 keys (empty: wb >= we); the CTA visits the
   // smallest range holding both.
@@ -151,15 +139,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   auto step_of = [&](int it) { return gist_pass ? st_end - 1 - it : st_begin + it; };
   const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
 
-  if (threadIdx.x == 0) {
-    mbar_init(kv_full, 128);
-    for (int st = 0; st < STAGES; ++st) {
-      mbar_init(q_full(st), 128);  // one cp.async arrival per producer thread
-      mbar_init(do_full(st), 128);
-      mbar_init(empty(st), 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  if (threadIdx.x == 0) bars.init();
   __syncthreads();
 
   if (threadIdx.x < 128) {

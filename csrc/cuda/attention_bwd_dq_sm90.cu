@@ -78,11 +78,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   unsigned char* sdO = sQ + C::Q_BYTES;
   unsigned char* sK = sdO + C::Q_BYTES;
   unsigned char* sV = sK + STAGES * C::KV_BYTES;
-  const uint32_t bar0 = smem_u32(sV + STAGES * C::KV_BYTES);
-  const uint32_t q_full = bar0;
-  auto k_full = [&](int st) { return bar0 + 8 * (1 + st); };
-  auto v_full = [&](int st) { return bar0 + 8 * (1 + STAGES + st); };
-  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * STAGES + st); };
+  const RingBarriers<STAGES> bars{smem_u32(sV + STAGES * C::KV_BYTES)};
+  const uint32_t q_full = bars.once();
+  auto k_full = [&](int st) { return bars.full0(st); };
+  auto v_full = [&](int st) { return bars.full1(st); };
+  auto empty = [&](int st) { return bars.empty(st); };
 
   int blk, bh, nblk;
   block_coords(p, blk, bh, nblk);
@@ -98,15 +98,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   const int nblocks = kb.total();
   const int64_t row_off = (static_cast<int64_t>(bh) * p.Nq + m0) * D;
 
-  if (threadIdx.x == 0) {
-    mbar_init(q_full, 128);
-    for (int st = 0; st < STAGES; ++st) {
-      mbar_init(k_full(st), 128);
-      mbar_init(v_full(st), 128);
-      mbar_init(empty(st), 8);
-    }
-    mbar_init_fence();
-  }
+  if (threadIdx.x == 0) bars.init();
   __syncthreads();
 
   if (threadIdx.x < 128) {
@@ -123,22 +115,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
     gather_rows<BM, D>(sdO, dog, 0, 1, rows_here, t);
     cp_async_arrive(q_full);
-    // The forward's constant-stride gather. Zero-filled rows past the block's
-    // end: S = 0 there (masked), and the dS K GEMM multiplies a zero dS by a
-    // zero K row, never by garbage.
-    for (int it = 0; it < nblocks; ++it) {
-      const int st = it % STAGES;
-      if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
-      int kind, first, end;
-      kb.block(it, BN, kind, first, end);
-      const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
-      const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
-      gather_rows<BN, D>(sK + st * C::KV_BYTES, kg, pos0, stride, end - first, t);
-      cp_async_arrive(k_full(st));
-      gather_rows<BN, D>(sV + st * C::KV_BYTES, vg, pos0, stride, end - first, t);
-      cp_async_arrive(v_full(st));
-    }
-    cp_async_wait<0>();
+    // As the forward's; zero-filled rows past a block's end also make the dS K
+    // GEMM multiply a zero dS by a zero K row, never by garbage.
+    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, sK, sV, t);
   } else {
     // ---- consumers ----
     reg_alloc<C::CONSUMER_REGS>();

@@ -234,32 +234,26 @@ __device__ __forceinline__ float prescale_unless_positive(float (&s)[NT][4], flo
   return 1.f;
 }
 
-// One online-softmax step in base 2 on raw scores s (scale > 0, see
-// prescale_unless_positive): updates the running max m (in scaled units) and the
-// thread-partial row sums lsum, turns s into unnormalized probabilities
-// exp2(s * scale - m) and returns in alpha the factor the running output must
-// be scaled by.
+// The max of each of the thread's two rows (s[.][0..1] and s[.][2..3]) over the
+// block, reduced across the quad that holds the row.
 template <int NT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float scale, float (&m)[2],
-                                               float (&lsum)[2], float (&alpha)[2]) {
-  float mx[2] = {-INFINITY, -INFINITY};
+__device__ __forceinline__ void block_row_max(const float (&s)[NT][4], float (&mx)[2]) {
+  mx[0] = mx[1] = -INFINITY;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
     mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
   }
-  float m_use[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-    const float m_new = fmaxf(m[hr], mx[hr] * scale);
-    // A row with nothing visible so far keeps m = -inf; exp2(-inf - 0) = 0.
-    m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
-    alpha[hr] = exp2f(m[hr] - m_use[hr]);
-    m[hr] = m_new;
-    lsum[hr] *= alpha[hr];
   }
+}
+
+// s -> exp2(s * scale - m_use[row]), added to the thread-partial row sums.
+template <int NT>
+__device__ __forceinline__ void exp2_rows(float (&s)[NT][4], float scale, const float (&m_use)[2], float (&lsum)[2]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     s[j][0] = exp2f(fmaf(s[j][0], scale, -m_use[0]));
@@ -269,6 +263,28 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float scale, f
     lsum[0] += s[j][0] + s[j][1];
     lsum[1] += s[j][2] + s[j][3];
   }
+}
+
+// One online-softmax step in base 2 on raw scores s (scale > 0, see
+// prescale_unless_positive): updates the running max m (in scaled units) and the
+// thread-partial row sums lsum, turns s into unnormalized probabilities
+// exp2(s * scale - m) and returns in alpha the factor the running output must
+// be scaled by.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float scale, float (&m)[2],
+                                               float (&lsum)[2], float (&alpha)[2]) {
+  float mx[2], m_use[2];
+  block_row_max(s, mx);
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const float m_new = fmaxf(m[hr], mx[hr] * scale);
+    // A row with nothing visible so far keeps m = -inf; exp2(-inf - 0) = 0.
+    m_use[hr] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hr] = exp2f(m[hr] - m_use[hr]);
+    m[hr] = m_new;
+    lsum[hr] *= alpha[hr];
+  }
+  exp2_rows(s, scale, m_use, lsum);
 }
 
 // online_softmax with a lazy running max (FlashAttention-4's trick): the max a
@@ -281,18 +297,11 @@ constexpr float kLazyMaxSlack = 8.f;
 template <int NT>
 __device__ __forceinline__ bool online_softmax_lazy(float (&s)[NT][4], float scale, float (&m)[2],
                                                     float (&lsum)[2], float (&alpha)[2]) {
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-    mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-  }
-  float m_use[2];
+  float mx[2], m_use[2];
+  block_row_max(s, mx);
   bool moved = false;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
     const float cand = mx[hr] * scale;
     // m = -inf (nothing visible yet) always moves; -inf - -inf is NaN, not > slack.
     const bool move = m[hr] == -INFINITY ? cand > -INFINITY : cand - m[hr] > kLazyMaxSlack;
@@ -303,15 +312,7 @@ __device__ __forceinline__ bool online_softmax_lazy(float (&s)[NT][4], float sca
     lsum[hr] *= alpha[hr];
     moved |= move;
   }
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    s[j][0] = exp2f(fmaf(s[j][0], scale, -m_use[0]));
-    s[j][1] = exp2f(fmaf(s[j][1], scale, -m_use[0]));
-    s[j][2] = exp2f(fmaf(s[j][2], scale, -m_use[1]));
-    s[j][3] = exp2f(fmaf(s[j][3], scale, -m_use[1]));
-    lsum[0] += s[j][0] + s[j][1];
-    lsum[1] += s[j][2] + s[j][3];
-  }
+  exp2_rows(s, scale, m_use, lsum);
   return __any_sync(0xffffffffu, moved);
 }
 
@@ -363,6 +364,30 @@ struct AttnParams {
   Layout32 l;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
+};
+
+// The keys of a dK/dV CTA (block blk of bn keys): slot s holds index first + s
+// (a key position in the dense pass, a gist index past the sinks in the gist
+// pass) while first + s < end; pos(s) is that key's position, -1 past the end.
+struct DkdvKeys {
+  int first, end;
+  int gist_pass;
+  Layout32 l;
+  __device__ __forceinline__ DkdvKeys(const AttnParams& p, int gist_pass_, int blk, int bn)
+      : gist_pass(gist_pass_), l(p.l) {
+    if (gist_pass) {
+      first = l.gists_before(min(l.num_sink, p.Nk)) + blk * bn;
+      end = l.gists_before(p.Nk);
+    } else {
+      first = blk * bn;
+      end = p.Nk;
+    }
+  }
+  __device__ __forceinline__ int pos(int s) const {
+    const int x = first + s;
+    if (x >= end) return -1;
+    return gist_pass ? l.gist_position(x) : x;
+  }
 };
 
 // Epilogue of the dK/dV kernels (mma.sync and wgmma): a thread's key rows

@@ -74,11 +74,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   unsigned char* sK = sQ + C::Q_BYTES;
   unsigned char* sV = sK + STAGES * C::KV_BYTES;
-  const uint32_t bar0 = smem_u32(sV + STAGES * C::KV_BYTES);
-  const uint32_t q_full = bar0;
-  auto k_full = [&](int st) { return bar0 + 8 * (1 + st); };
-  auto v_full = [&](int st) { return bar0 + 8 * (1 + STAGES + st); };
-  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * STAGES + st); };
+  const RingBarriers<STAGES> bars{smem_u32(sV + STAGES * C::KV_BYTES)};
+  const uint32_t q_full = bars.once();
+  auto k_full = [&](int st) { return bars.full0(st); };
+  auto v_full = [&](int st) { return bars.full1(st); };
+  auto empty = [&](int st) { return bars.empty(st); };
 
   int blk, bh, nblk;
   block_coords(p, blk, bh, nblk);
@@ -93,15 +93,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
   const int nblocks = kb.total();
 
-  if (threadIdx.x == 0) {
-    mbar_init(q_full, 128);
-    for (int st = 0; st < STAGES; ++st) {
-      mbar_init(k_full(st), 128);  // one cp.async arrival per producer thread
-      mbar_init(v_full(st), 128);
-      mbar_init(empty(st), 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  if (threadIdx.x == 0) bars.init();
   __syncthreads();
 
   if (threadIdx.x < 128) {
@@ -114,23 +106,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     const T* vg = static_cast<const T*>(p.v) + kv_off;
     gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
     cp_async_arrive(q_full);
-    // K/V rows of a block are consecutive keys (sink / window) or gists ratio + 1
-    // positions apart: a constant-stride gather (gather_rows). Rows past the
-    // block's end are zero-filled: masked in S, and a zero V row keeps
-    // 0 * garbage from turning into NaN.
-    for (int it = 0; it < nblocks; ++it) {
-      const int st = it % STAGES;
-      if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
-      int kind, first, end;
-      kb.block(it, BN, kind, first, end);
-      const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
-      const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
-      gather_rows<BN, D>(sK + st * C::KV_BYTES, kg, pos0, stride, end - first, t);
-      cp_async_arrive(k_full(st));
-      gather_rows<BN, D>(sV + st * C::KV_BYTES, vg, pos0, stride, end - first, t);
-      cp_async_arrive(v_full(st));
-    }
-    cp_async_wait<0>();
+    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, sK, sV, t);
   } else {
     // ---- consumers ----
     // (producer and consumers are the two branches of one if/else: setmaxnreg

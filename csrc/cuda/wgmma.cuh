@@ -187,6 +187,56 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// The mbarriers of the three warp-specialized kernels, 8 bytes each from bar0:
+// one for the operand loaded once per CTA (forward / dQ: Q (and dO); dK/dV: K
+// and V), then per ring stage two "full" barriers for the two streamed operands
+// (K and V; Q and dO) and one "empty". A full barrier completes on one
+// cp.async arrival per producer thread, an empty one on one arrival per
+// consumer warp.
+template <int STAGES>
+struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
+  uint32_t bar0;
+  __device__ __forceinline__ uint32_t once() const { return bar0; }
+  __device__ __forceinline__ uint32_t full0(int st) const { return bar0 + 8 * (1 + st); }
+  __device__ __forceinline__ uint32_t full1(int st) const { return bar0 + 8 * (1 + STAGES + st); }
+  __device__ __forceinline__ uint32_t empty(int st) const { return bar0 + 8 * (1 + 2 * STAGES + st); }
+  // By thread 0, before the CTA's first __syncthreads.
+  __device__ __forceinline__ void init() const {
+    mbar_init(once(), 128);
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full0(st), 128);
+      mbar_init(full1(st), 128);
+      mbar_init(empty(st), 8);
+    }
+    mbar_init_fence();
+  }
+};
+
+// Producer loop of the query-tile kernels (forward, dQ): the tile's key blocks
+// (cuda_detail::KeyBlocks) of K and V into the ring, K completing full0, V
+// full1. A block's rows are consecutive keys (sink / window) or gists ratio + 1
+// positions apart: a constant-stride gather; rows past the block's end are
+// zero-filled (masked in S, and a zero row keeps 0 * garbage from becoming NaN).
+template <int BN, int D, int STAGES, typename T>
+__device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const cuda_detail::KeyBlocks& kb,
+                                                  int nblocks, const cuda_detail::Layout32& l, const T* kg,
+                                                  const T* vg, unsigned char* sK, unsigned char* sV, int t) {
+  constexpr int KV_BYTES = BN * D * 2;
+  for (int it = 0; it < nblocks; ++it) {
+    const int st = it % STAGES;
+    if (it >= STAGES) mbar_wait(bars.empty(st), (it / STAGES - 1) & 1);
+    int kind, first, end;
+    kb.block(it, BN, kind, first, end);
+    const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
+    const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
+    gather_rows<BN, D>(sK + st * KV_BYTES, kg, pos0, stride, end - first, t);
+    cp_async_arrive(bars.full0(st));
+    gather_rows<BN, D>(sV + st * KV_BYTES, vg, pos0, stride, end - first, t);
+    cp_async_arrive(bars.full1(st));
+  }
+  cuda_detail::cp_async_wait<0>();
+}
+
 template <int N>
 __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
