@@ -80,25 +80,15 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   T* sV = sK + 2 * BN * D;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int blk, bh, nblk;
-  block_coords(p, blk, bh, nblk);
-  const int tile = nblk - 1 - blk;
-  const int b = bh / p.Hq, h = bh % p.Hq;
-  const int m0 = tile * BM;
+  const QueryTile qt(p, BM, BN);
+  const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
+  const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
-  const int64_t row_off = (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+  const int64_t row_off = qt.row0 * D;
   const T* qg = static_cast<const T*>(p.q) + row_off;
   const T* dog = static_cast<const T*>(p.dout) + row_off;
-  const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
-  const T* kg = static_cast<const T*>(p.k) + kv_off;
-  const T* vg = static_cast<const T*>(p.v) + kv_off;
-
-  const int q_lo = p.q_offset + m0;
-  const int rows_here = min(BM, p.Nq - m0);
-  const int q_hi = q_lo + rows_here - 1;
-  KeyBlocks kb;
-  kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
-  const int nblocks = kb.total();
+  const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
+  const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
 
   auto qrow = [&](const T* base) {
     return [=](int r) -> const T* {
@@ -134,15 +124,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   const int qpos[2] = {q_lo + row0, q_lo + row0 + 8};
   float lse2[2], dlt[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = row0 + hr * 8;
-    const int64_t idx = static_cast<int64_t>(bh) * p.Nq + m0 + r;
-    const bool valid = r < rows_here;
-    lse2[hr] = valid ? p.lse[idx] * kLog2e : 0.f;
-    dlt[hr] = valid ? p.delta[idx] : 0.f;
-    // A row whose lse is -inf sees no key; keep exp2 finite (its P is masked).
-    if (!(lse2[hr] > -INFINITY)) lse2[hr] = 0.f;
-  }
+  for (int hr = 0; hr < 2; ++hr) qt.row_stats(p, row0 + hr * 8, lse2[hr], dlt[hr]);
 
   float dq[DT][4];
 #pragma unroll

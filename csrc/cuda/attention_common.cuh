@@ -460,6 +460,38 @@ __device__ __forceinline__ void block_coords(const AttnParams& p, int& blk, int&
   }
 }
 
+// The query tile of a forward / dQ CTA: its (batch, head), its bm query rows
+// from m0 (later tiles carry more work: they get the lower block indices, so
+// they start first) and its key blocks of bn keys.
+struct QueryTile {
+  int bh, b, h, m0, q_lo, q_hi, rows_here, nblocks;
+  int64_t row0;    // first query row of the tile in q / out / dout / lse: bh * Nq + m0
+  int64_t kv_row0; // first row of the tile's key head in k / v
+  KeyBlocks kb;
+  __device__ __forceinline__ QueryTile(const AttnParams& p, int bm, int bn) {
+    int blk, nblk;
+    block_coords(p, blk, bh, nblk);
+    b = bh / p.Hq;
+    h = bh % p.Hq;
+    m0 = (nblk - 1 - blk) * bm;
+    q_lo = p.q_offset + m0;
+    rows_here = min(bm, p.Nq - m0);
+    q_hi = q_lo + rows_here - 1;
+    row0 = static_cast<int64_t>(bh) * p.Nq + m0;
+    kv_row0 = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk;
+    kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, p.l.as64()), bn);
+    nblocks = kb.total();
+  }
+  // lse * log2(e) and delta of tile row r (0 past the tile; a row that sees no
+  // key has lse -inf: 0 keeps exp2 finite, its P is masked anyway).
+  __device__ __forceinline__ void row_stats(const AttnParams& p, int r, float& lse2, float& dlt) const {
+    const bool valid = r < rows_here;
+    lse2 = valid ? p.lse[row0 + r] * kLog2e : 0.f;
+    dlt = valid ? p.delta[row0 + r] : 0.f;
+    if (!(lse2 > -INFINITY)) lse2 = 0.f;
+  }
+};
+
 }  // namespace cuda_detail
 }  // namespace unigist
 

@@ -50,24 +50,14 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
   T* sV = sK + 2 * BN * D;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int blk, bh, nblk;
-  block_coords(p, blk, bh, nblk);
-  const int tile = nblk - 1 - blk;  // later tiles carry more work: start them first
-  const int b = bh / p.Hq, h = bh % p.Hq;
-  const int m0 = tile * BM;
+  const QueryTile qt(p, BM, BN);
+  const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
+  const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
 
-  const T* qg = static_cast<const T*>(p.q) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
-  const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
-  const T* kg = static_cast<const T*>(p.k) + kv_off;
-  const T* vg = static_cast<const T*>(p.v) + kv_off;
-
-  const int q_lo = p.q_offset + m0;
-  const int rows_here = min(BM, p.Nq - m0);
-  const int q_hi = q_lo + rows_here - 1;
-  KeyBlocks kb;
-  kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, l.as64()), BN);
-  const int nblocks = kb.total();
+  const T* qg = static_cast<const T*>(p.q) + qt.row0 * D;
+  const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
+  const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
 
   load_rows<BM, D, kFwdThreads>(
       sQ, [&](int r) -> const T* { return r < rows_here ? qg + static_cast<int64_t>(r) * D : nullptr; },
@@ -227,13 +217,13 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
       for (int hr = 0; hr < 2; ++hr) {
         const int r = r0 + hr * 8;
         if (r < rows_here) {
-          p.lse[static_cast<int64_t>(bh) * p.Nq + m0 + r] = lse[hr];
+          p.lse[qt.row0 + r] = lse[hr];
         }
       }
     }
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.o) + (static_cast<int64_t>(bh) * p.Nq + m0) * D;
+  T* og = static_cast<T*>(p.o) + qt.row0 * D;
 #pragma unroll
   for (int i = 0; i < 16 * MT * DT / 32; ++i) {
     const int idx = lane + i * 32;
