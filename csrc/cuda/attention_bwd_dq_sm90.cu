@@ -112,7 +112,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   } else {
     // ---- consumers ----
     reg_alloc<C::CONSUMER_REGS>();
-    using TT = TypeTraits<T>;
     const int wg = threadIdx.x / 128 - 1;
     const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
     const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
@@ -255,28 +254,10 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       release(nblocks - 1);
     }
 
-    // Epilogue: stage the warp's 16 rows in their own rows of sQ (only this
-    // warpgroup's GEMMs read them, and those have completed), then write
-    // 16-byte chunks.
-#pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0, i) + 4 * (lane & 3)) =
-          TT::pack(dq[i][0] * p.scale, dq[i][1] * p.scale);
-      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0 + 8, i) + 4 * (lane & 3)) =
-          TT::pack(dq[i][2] * p.scale, dq[i][3] * p.scale);
-    }
-    __syncwarp();
-    T* dqg = static_cast<T*>(p.dq) + row_off;
-    const int wrow = wg * 64 + warp * 16;
-#pragma unroll
-    for (int i = 0; i < 16 * DT / 32; ++i) {
-      const int idx = lane + i * 32;
-      const int r = wrow + idx / DT, c = idx % DT;
-      if (r < rows_here) {
-        *reinterpret_cast<uint4*>(dqg + static_cast<int64_t>(r) * D + c * 8) =
-            *reinterpret_cast<const uint4*>(sQ + sw128_offset<BM>(r, c));
-      }
-    }
+    // Epilogue: dQ * softmax_scale through the warp's own rows of sQ (only
+    // this warpgroup's GEMMs read them, and those have completed).
+    const float scale2[2] = {p.scale, p.scale};
+    store_rows_via_smem<BM>(sQ, dq, scale2, static_cast<T*>(p.dq) + row_off, wg * 64 + warp * 16, rows_here, lane);
   }
 #endif
 }

@@ -103,7 +103,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     // (producer and consumers are the two branches of one if/else: setmaxnreg
     // only takes effect in that shape)
     reg_alloc<C::CONSUMER_REGS>();
-    using TT = TypeTraits<T>;
     const int wg = threadIdx.x / 128 - 1;
     const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
     const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
@@ -210,17 +209,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       release(nblocks - 1);
     }
 
-    // Epilogue: normalize; stage the warp's 16 rows in their own rows of sQ
-    // (no other warp reads them any more), then write 16-byte chunks.
+    // Epilogue: lse, then O normalized, through the warp's own rows of sQ.
     float inv[2], lse[2];
     finish_rows(l_r, m_r, inv, lse);
-#pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0, i) + 4 * (lane & 3)) =
-          TT::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
-      *reinterpret_cast<uint32_t*>(sQ + sw128_offset<BM>(r0 + 8, i) + 4 * (lane & 3)) =
-          TT::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
-    }
     if ((lane & 3) == 0) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
@@ -228,18 +219,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
         if (r < rows_here) p.lse[qt.row0 + r] = lse[hr];
       }
     }
-    __syncwarp();
-    T* og = static_cast<T*>(p.o) + qt.row0 * D;
-    const int wrow = wg * 64 + warp * 16;
-#pragma unroll
-    for (int i = 0; i < 16 * DT / 32; ++i) {
-      const int idx = lane + i * 32;
-      const int r = wrow + idx / DT, c = idx % DT;
-      if (r < rows_here) {
-        *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * D + c * 8) =
-            *reinterpret_cast<const uint4*>(sQ + sw128_offset<BM>(r, c));
-      }
-    }
+    store_rows_via_smem<BM>(sQ, o, inv, static_cast<T*>(p.o) + qt.row0 * D, wg * 64 + warp * 16, rows_here, lane);
   }
 #endif
 }

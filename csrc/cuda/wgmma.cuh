@@ -237,6 +237,37 @@ __device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& ba
   cuda_detail::cp_async_wait<0>();
 }
 
+// Epilogue of the query-tile kernels (forward O, dQ): the warp's 16 rows of an
+// m64 accumulator (tile rows wrow + lane / 4 in acc[.][0..1], + 8 in [2..3]),
+// times mul[0] / mul[1], in T, staged in the same rows of a sw128 tile of ROWS
+// rows that no other warp reads any more, then written to dst (tile row r at
+// dst + r * D) in 16-byte chunks; rows from rows_here on are left out.
+template <int ROWS, typename T, int DT>
+__device__ __forceinline__ void store_rows_via_smem(unsigned char* tile, const float (&acc)[DT][4],
+                                                    const float (&mul)[2], T* dst, int wrow, int rows_here,
+                                                    int lane) {
+  using TT = cuda_detail::TypeTraits<T>;
+  constexpr int D = DT * 8;
+  const int r0 = wrow + lane / 4;
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    *reinterpret_cast<uint32_t*>(tile + sw128_offset<ROWS>(r0, i) + 4 * (lane & 3)) =
+        TT::pack(acc[i][0] * mul[0], acc[i][1] * mul[0]);
+    *reinterpret_cast<uint32_t*>(tile + sw128_offset<ROWS>(r0 + 8, i) + 4 * (lane & 3)) =
+        TT::pack(acc[i][2] * mul[1], acc[i][3] * mul[1]);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 16 * DT / 32; ++i) {
+    const int idx = lane + i * 32;
+    const int r = wrow + idx / DT, c = idx % DT;
+    if (r < rows_here) {
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(tile + sw128_offset<ROWS>(r, c));
+    }
+  }
+}
+
 template <int N>
 __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
