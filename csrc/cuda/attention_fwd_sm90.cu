@@ -39,9 +39,10 @@ struct Sm90Fwd {
   // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
   // UNIGIST_SM90_STAGES128 / UNIGIST_SM90_PINGPONG exist for A/B builds.
 // Lazy running max (online_softmax_lazy): the output is rescaled only in the
-// blocks where some row's max grew by more than 2^8. A/B switch.
+// blocks where some row's max grew by more than 2^8. Measured -2.4% forward at
+// 32k r=4 (benchmarks/NOTES.md v10); 0 gives the eager max for A/B builds.
 #ifndef UNIGIST_SM90_FWD_LAZY_MAX
-#define UNIGIST_SM90_FWD_LAZY_MAX 0
+#define UNIGIST_SM90_FWD_LAZY_MAX 1
 #endif
 #ifndef UNIGIST_SM90_PINGPONG
 #define UNIGIST_SM90_PINGPONG 0
