@@ -7,7 +7,8 @@
 # Builds every variant in parallel (copies under /tmp), runs `pytest -m cuda`
 # on each variant named in TEST (default: all but the first, the baseline),
 # then a per-kernel profile of each and two interleaved rounds of the 32k
-# benchmark (so clock drift hits all alike). Short output; logs under $OUT.
+# benchmark (so clock drift hits all alike). MEMCHECK=1 adds a compute-sanitizer
+# memcheck of a small fwd+bwd on each tested variant. Short output; logs under $OUT.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -45,6 +46,11 @@ for n in $TEST; do
   (cd "${dir[$n]}" && PYTHONPATH=${dir[$n]} timeout 200 python3 -m pytest -m cuda tests -q -x -p no:cacheprovider \
      > "$OUT/pytest_$n.log" 2>&1)
   grep -E "FAILED|Error|passed|failed" "$OUT/pytest_$n.log" | cut -c1-200 | head -6
+  if [ "${MEMCHECK:-0}" = 1 ]; then
+    echo "== memcheck $n (tests/cuda/smoke_bwd.py quick)"
+    (cd "${dir[$n]}" && PYTHONPATH=${dir[$n]} timeout 120 compute-sanitizer --tool memcheck --print-limit 5 \
+       python3 tests/cuda/smoke_bwd.py quick 2>&1 | grep -E "ERROR|error|SUMMARY" | head -8)
+  fi
 done
 for n in "${names[@]}"; do
   echo "== profile $n (32k r=4, ms per fwd+bwd = total / calls)"
