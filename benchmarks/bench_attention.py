@@ -40,10 +40,16 @@ except Exception:  # pragma: no cover
     _do_bench = None
 
 
+# Milliseconds of warmup and of timed calls per measurement. triton's defaults
+# (25 / 150) give a 32k fwd+bwd (26-55 ms) one warmup call and 3-6 timed ones:
+# its median then moved by up to 1.7 ms between two runs of one build (NOTES v10).
+WARMUP_MS, REP_MS = 250, 1500
+
+
 def bench_ms(fn, grad_to_none=None):
     """Median time in ms (CUDA events)."""
     if _do_bench is not None:
-        return _do_bench(fn, warmup=25, rep=150, grad_to_none=grad_to_none, return_mode="median")
+        return _do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=grad_to_none, return_mode="median")
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
