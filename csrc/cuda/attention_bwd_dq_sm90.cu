@@ -1,7 +1,10 @@
 // dQ of the gist attention backward for Hopper (sm_90a): computes exactly what
 // gist_attn_bwd_dq_kernel (attention_bwd.cu) computes, with the three GEMMs on
 // warpgroup MMA. Per key block of a query tile:
-//   S = Q K^T, dP = dO V^T                  (wgmma SS, K and V K-major)
+//   S = Q K^T                               (wgmma RS: Q fragments loaded into
+//                                            registers once, K K-major;
+//                                            SS when UNIGIST_SM90_DQ_QREG=0)
+//   dP = dO V^T                             (wgmma SS, V K-major)
 //   P = exp2(S * scale_log2 - lse * log2e)  (masked entries 0)
 //   dS = P * (dP - delta)                   (registers)
 //   dQ += dS K                              (wgmma RS, K read MN-major)
@@ -10,8 +13,8 @@
 // mbarriers, two consumer warpgroups own 64 query rows each.
 //
 // BN = 64 keys per block: the S, dP and dQ accumulators (32 + 32 + 64 fp32 at
-// D = 128) plus dS packed for the RS GEMM (16) fit the 224 consumer registers;
-// BN = 128 would need 240 for those alone.
+// D = 128) plus dS packed for the RS GEMM (16) and the Q fragments (32) fit the
+// 232 consumer registers; BN = 128 would need 240 for the accumulators alone.
 //
 // A 128-row tile is fine although the dK/dV kernels partition queries in 64-row
 // tiles: dQ of a row sums over all its visible keys, and tile_visit of any tile

@@ -12,7 +12,9 @@
 //     so no CTA-wide __syncthreads sits in the loop.
 //   * warpgroups 1 and 2 (consumers) own 64 query rows each (BM = 128) and
 //     run S = Q K^T (A and B from shared memory) and O += P V (P from
-//     registers, V read MN-major), with the online softmax in registers. The
+//     registers, V read MN-major), with the online softmax in registers (a
+//     lazy running max: O is rescaled only when a row's max grows by more
+//     than 2^8, UNIGIST_SM90_FWD_LAZY_MAX). The
 //     S GEMM of block j+1 and the P V GEMM of block j are in flight while
 //     the softmax of block j+1 runs, and the two consumers drift freely, so
 //     one's softmax overlaps the other's GEMMs.
