@@ -195,7 +195,8 @@ def write_table(rows, args, H, D, final=False):
         f"- device: {torch.cuda.get_device_name()}",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {', '.join(sorted({r['date'] for r in rows}))}",
         f"- B=1, H={H}, D={D}, bf16, window {args.window}, {args.sinks} sinks; times are medians in ms "
-        "(triton.testing.do_bench); all columns of a row measured in one run"
+        f"(triton.testing.do_bench, {WARMUP_MS} ms warmup, {REP_MS} ms timed, L2 flushed before each call); "
+        "all columns of a row measured in one run"
         + ("" if len({r["date"] for r in rows}) == 1 else " (rows from runs at the dates above, see the .json)"),
         "- TFLOP/s count only the mask's non-zeros: 4*D*nnz per head forward, 3.5x that for forward+backward",
         "- speedup columns: other method's time / unigist's time (>1 means unigist is faster)",
