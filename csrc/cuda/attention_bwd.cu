@@ -4,16 +4,18 @@
 //      (sinks, packed gists, local window)                  -> dq
 //      On Hopper (use_sm90_fwd) the wgmma kernel of attention_bwd_dq_sm90.cu
 //      (128-row tiles) runs instead of gist_attn_bwd_dq_kernel.
-//   3. dK/dV dense pass: key-block outer over aligned blocks of 64 keys; loops
-//      over the query tiles whose dense part (layout::in_dense_part) holds
-//      some of its pairs; writes fp32 per-query-head dK/dV for every key.
-//   4. dK/dV gist pass (same stream, after 3): blocks of 64 packed gists
-//      (gist g at position g*(ratio+1)+ratio); loops over the query tiles
-//      whose gist part holds them (q_lo >= position + window) and adds into
-//      the gist rows of the fp32 accumulators.
+//   3. dK/dV gist pass: blocks of 64 packed gists past the sinks (gist g at
+//      position g*(ratio+1)+ratio); loops over the query tiles whose gist part
+//      holds them (q_lo >= position + window); writes fp32 per-query-head
+//      partials of those gist rows (dk_gist / dv_gist, packed by gist index).
+//   4. dK/dV dense pass (same stream, after 3): key-block outer over aligned
+//      blocks of 64 keys; loops over the query tiles whose dense part
+//      (layout::in_dense_part) holds some of its pairs; adds the gist rows'
+//      partials and writes every key: dk / dv in the input dtype when each key
+//      head has one query head, else fp32 per-query-head dK/dV.
 //      On Hopper (use_sm90_fwd) 3. and 4. are the wgmma kernel of
 //      attention_bwd_dkdv_sm90.cu (128-key blocks, same pair partition).
-//   5. sum the accumulators over each GQA group, convert to the input dtype.
+//   5. GQA only: sum the fp32 dK/dV over each group, convert to the input dtype.
 // Query tiles are the forward's: 64 rows, tile t starting at position
 // q_offset + 64 t, so each (query, key) pair is counted once, in the same
 // part (dense or gist) by the dQ and the dK/dV kernels.

@@ -2,12 +2,13 @@
 // what the two launches of gist_attn_bwd_dkdv_kernel (attention_bwd.cu) compute,
 // with the four GEMMs on warpgroup MMA (FlashAttention-3's backward without its
 // dQ, which has its own kernel). Same two passes and the same pair partition:
+//   gist pass (gist_pass 1, launched first): blocks of BN packed gists (gist g
+//     at position g * (ratio + 1) + ratio); query tiles whose gist part holds
+//     them (q_lo >= position + window); writes the gist rows' fp32 partials.
 //   dense pass (gist_pass 0): aligned blocks of BN keys; query tiles whose
 //     dense part (layout::in_dense_part) holds some of the block's pairs;
-//     writes every key row of the block into dk_acc / dv_acc.
-//   gist pass (gist_pass 1): blocks of BN packed gists (gist g at position
-//     g * (ratio + 1) + ratio); query tiles whose gist part holds them
-//     (q_lo >= position + window); adds into the gist rows.
+//     adds the partials and writes every key row of the block
+//     (store_dkdv_rows: dk / dv directly at group 1, else dk_acc / dv_acc).
 // A query step is one 64-row query tile of the forward partition (kQTile,
 // tile t starts at q_offset + 64 t), so every pair is assigned to the same
 // pass, with the same per-element test, as in the mma.sync kernel.

@@ -546,8 +546,8 @@ void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t 
 // The wgmma dQ kernel of the backward (attention_bwd_dq_sm90.cu), taken on the
 // same condition as the wgmma forward.
 void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
-// The wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu): both passes (dense, then
-// gist) into dk_acc / dv_acc, in place of gist_attn_bwd_dkdv_kernel; same condition.
+// The wgmma dK/dV kernels (attention_bwd_dkdv_sm90.cu): both passes (gist, then
+// dense), in place of gist_attn_bwd_dkdv_kernel; same condition.
 void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
