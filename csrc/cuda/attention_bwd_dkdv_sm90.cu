@@ -110,7 +110,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   const uint32_t kv_full = bars.once();
   auto q_full = [&](int st) { return bars.full0(st); };
   auto do_full = [&](int st) { return bars.full1(st); };
-  auto empty = [&](int st) { return bars.empty(st); };
 
   int blk, bh, nblk;
   block_coords(p, blk, bh, nblk);
@@ -163,7 +162,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     // their P^T is masked).
     for (int it = 0; it < n_it; ++it) {
       const int st = it % STAGES;
-      if (it >= STAGES) mbar_wait(empty(st), (it / STAGES - 1) & 1);
+      bars.wait_empty(it);
       const int t0 = step_of(it) * BQ;
       const int nrows = p.Nq - t0;
       gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, nrows, t);
@@ -216,22 +215,17 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) af[kk][0] = af[kk][1] = af[kk][2] = af[kk][3] = 0u;
 
-    auto release = [&](int it) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(it % STAGES));
-    };
     // A stage this consumer has nothing to do with: it still waits for the
     // stage's data (so that its arrival falls in the stage's current phase and
     // no copy is in flight when the producer refills it), then hands it back.
     auto skip = [&](int it) {
-      const int st = it % STAGES;
-      mbar_wait(q_full(st), (it / STAGES) & 1);
-      mbar_wait(do_full(st), (it / STAGES) & 1);
-      release(it);
+      bars.wait_full0(it);
+      bars.wait_full1(it);
+      bars.release(it, lane);
     };
     auto issue_s = [&](int it) {
       const int st = it % STAGES;
-      mbar_wait(q_full(st), (it / STAGES) & 1);
+      bars.wait_full0(it);
       fence_proxy_async();
       wgmma_fence();
       wgmma_ss_kmajor<KS, BN, BQ>(s, k_addr, q_addr + st * C::Q_BYTES, T{});
@@ -239,7 +233,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     };
     auto issue_dp = [&](int it) {
       const int st = it % STAGES;
-      mbar_wait(do_full(st), (it / STAGES) & 1);
+      bars.wait_full1(it);
       fence_proxy_async();
       wgmma_fence();
       wgmma_ss_kmajor<KS, BN, BQ>(dp, v_addr, do_addr + st * C::Q_BYTES, T{});
@@ -348,14 +342,14 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
         issue_s(it);
         wgmma_wait<1>();  // the dK GEMM of it - 1: stage it - 1 is no longer read
         reg_fence(af);
-        release(it - 1);
+        bars.release(it - 1, lane);
         issue_dp(it);
         step(it);
       }
       wgmma_wait<0>();
       reg_fence(dk);
       reg_fence(dv);
-      release(ib - 1);
+      bars.release(ib - 1, lane);
     }
     for (int it = ib; it < n_it; ++it) skip(it);
 

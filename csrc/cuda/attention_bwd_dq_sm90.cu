@@ -84,9 +84,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   unsigned char* sV = sK + STAGES * C::KV_BYTES;
   const RingBarriers<STAGES> bars{smem_u32(sV + STAGES * C::KV_BYTES)};
   const uint32_t q_full = bars.once();
-  auto k_full = [&](int st) { return bars.full0(st); };
-  auto v_full = [&](int st) { return bars.full1(st); };
-  auto empty = [&](int st) { return bars.empty(st); };
 
   const QueryTile qt(p, BM, BN);
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
@@ -141,7 +138,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
     // runs while its dP GEMM (and the dQ GEMM of block it - 1) are in flight.
     auto issue_sdp = [&](int it) {
       const int st = it % STAGES;
-      mbar_wait(k_full(st), (it / STAGES) & 1);
+      bars.wait_full0(it);
       fence_proxy_async();
       wgmma_fence();
 #if UNIGIST_SM90_DQ_QREG
@@ -150,7 +147,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
 #endif
       if (kSplit) wgmma_commit();
-      mbar_wait(v_full(st), (it / STAGES) & 1);
+      bars.wait_full1(it);
       fence_proxy_async();
       wgmma_fence();  // after the wait loop's branch ptxas would insert one itself
       wgmma_ss_kmajor<KS, BM, BN>(dp, do_addr, v_addr + st * C::KV_BYTES, T{});
@@ -163,10 +160,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       wgmma_fence();
       wgmma_rs_mnmajor<BN / 16, BN>(dq, dsf, k_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
-    };
-    auto release = [&](int it) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(it % STAGES));
     };
     // P in place of S; selected, not multiplied, by the mask: an invisible
     // score may overflow exp2.
@@ -247,7 +240,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
         wgmma_wait<0>();
         reg_fence(dq);
         reg_fence(s);  // keeps the packing below after the wait: the dQ GEMM reads the old dS
-        release(it - 1);
+        bars.release(it - 1, lane);
         pack_ds();
       }
       my_turn();
@@ -255,7 +248,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       if (wg == 0) your_turn();
       wgmma_wait<0>();
       reg_fence(dq);
-      release(nblocks - 1);
+      bars.release(nblocks - 1, lane);
     }
 
     // Epilogue: dQ * softmax_scale through the warp's own rows of sQ (only

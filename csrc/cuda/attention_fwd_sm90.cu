@@ -79,9 +79,6 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   unsigned char* sV = sK + STAGES * C::KV_BYTES;
   const RingBarriers<STAGES> bars{smem_u32(sV + STAGES * C::KV_BYTES)};
   const uint32_t q_full = bars.once();
-  auto k_full = [&](int st) { return bars.full0(st); };
-  auto v_full = [&](int st) { return bars.full1(st); };
-  auto empty = [&](int st) { return bars.empty(st); };
 
   const QueryTile qt(p, BM, BN);
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
@@ -121,7 +118,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
 
     auto issue_qk = [&](int it) {
       const int st = it % STAGES;
-      mbar_wait(k_full(st), (it / STAGES) & 1);
+      bars.wait_full0(it);
       fence_proxy_async();
       wgmma_fence();
       wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
@@ -129,15 +126,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     };
     auto issue_pv = [&](int it) {
       const int st = it % STAGES;
-      mbar_wait(v_full(st), (it / STAGES) & 1);
+      bars.wait_full1(it);
       fence_proxy_async();
       wgmma_fence();
       wgmma_rs_mnmajor<BN / 16, BN>(o, pf, v_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
-    };
-    auto release = [&](int it) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(it % STAGES));
     };
     // Returns whether the output must be scaled by alpha (always without the
     // lazy max).
@@ -192,7 +185,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
         wgmma_wait<0>();
         reg_fence(o);
         reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
-        release(it - 1);
+        bars.release(it - 1, lane);
         if (rescale) {
 #pragma unroll
           for (int i = 0; i < DT; ++i) {
@@ -209,7 +202,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
       wgmma_wait<0>();
       reg_fence(o);
-      release(nblocks - 1);
+      bars.release(nblocks - 1, lane);
     }
 
     // Epilogue: lse, then O normalized, through the warp's own rows of sQ.

@@ -210,6 +210,19 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
     }
     mbar_init_fence();
   }
+  // Use `it` of the ring (stage it % STAGES, phase it / STAGES).
+  // Consumer: wait until the stage's first / second operand has landed.
+  __device__ __forceinline__ void wait_full0(int it) const { mbar_wait(full0(it % STAGES), (it / STAGES) & 1); }
+  __device__ __forceinline__ void wait_full1(int it) const { mbar_wait(full1(it % STAGES), (it / STAGES) & 1); }
+  // Consumer warp: hand the stage back (one arrival per warp).
+  __device__ __forceinline__ void release(int it, int lane) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(it % STAGES));
+  }
+  // Producer: wait until every consumer warp released the stage's previous use.
+  __device__ __forceinline__ void wait_empty(int it) const {
+    if (it >= STAGES) mbar_wait(empty(it % STAGES), (it / STAGES - 1) & 1);
+  }
 };
 
 // Producer loop of the query-tile kernels (forward, dQ): the tile's key blocks
@@ -224,7 +237,7 @@ __device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& ba
   constexpr int KV_BYTES = BN * D * 2;
   for (int it = 0; it < nblocks; ++it) {
     const int st = it % STAGES;
-    if (it >= STAGES) mbar_wait(bars.empty(st), (it / STAGES - 1) & 1);
+    bars.wait_empty(it);
     int kind, first, end;
     kb.block(it, BN, kind, first, end);
     const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
