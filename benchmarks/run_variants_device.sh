@@ -8,7 +8,8 @@
 # on each variant named in TEST (default: all but the first, the baseline),
 # then a per-kernel profile of each and two interleaved rounds of the 32k
 # benchmark (so clock drift hits all alike). MEMCHECK=1 adds a compute-sanitizer
-# memcheck of a small fwd+bwd on each tested variant. Short output; logs under $OUT.
+# memcheck of a small fwd+bwd on each tested variant; BENCH_ROUNDS (default 2)
+# sets the bench rounds. Short output; logs under $OUT.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,7 +58,7 @@ for n in "${names[@]}"; do
   (cd "${dir[$n]}" && PYTHONPATH=${dir[$n]} timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 32768 --ratio 4 --profile 2>&1 \
      | grep -E "unigist|Self CUDA" | sed -E 's/ {2,}/|/g' | awk -F'|' '{print $1, "|", $7, "|", $11}' | cut -c1-150)
 done
-for round in 1 2; do
+for round in $(seq 1 "${BENCH_ROUNDS:-2}"); do
   for n in "${names[@]}"; do
     echo "== bench $n ($round)"
     (cd "${dir[$n]}" && PYTHONPATH=${dir[$n]} timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 32768 --ratio 4 8 \

@@ -457,15 +457,16 @@ def test_backward_paths_agree(seed, monkeypatch):
 @pytest.mark.parametrize("case", DKDV_CASES, ids=_case_id)
 @pytest.mark.parametrize("d", [64, 128])
 def test_dkdv_paths_agree(seed, monkeypatch, case, d, heads):
-    """wgmma vs mma.sync dK/dV on the same inputs, fp16 (rounding 5e-4): a pair
-    counted twice or left out by one partition shows as a large difference."""
+    """wgmma vs mma.sync dQ, dK and dV on the same inputs, fp16 (rounding 5e-4):
+    a pair counted twice or left out by one partition shows as a large
+    difference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs a compute-capability 9.0 GPU")
     nq, nk, off, r, w, s = case
     cfg = GistConfig(ratio=r, window=w, num_sink=s)
     q, k, v = _inputs(2, *heads, nq, nk, d, torch.float16)  # batch 2
-    (_, dk80, dv80), (_, dk90, dv90) = _bwd_both_paths(q, k, v, cfg, off, monkeypatch)
-    for name, a, b in (("dk", dk90, dk80), ("dv", dv90, dv80)):
+    (dq80, dk80, dv80), (dq90, dk90, dv90) = _bwd_both_paths(q, k, v, cfg, off, monkeypatch)
+    for name, a, b in (("dq", dq90, dq80), ("dk", dk90, dk80), ("dv", dv90, dv80)):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 2e-3, (name, rel_err(a, b))
         # row by row: a single key's error would vanish in the norm of the whole
