@@ -39,7 +39,13 @@ if [ "$mode" = build ]; then
     | grep -E "unigist|kernel|Self CUDA" | sed -E 's/ {2,}/|/g' | awk -F'|' '{print $1, "|", $7, "|", $11}' | cut -c1-150
   set -- 32768
 fi
+# Start from the committed table only when its rows are of this device and torch
+# (bench_attention.py --append refuses a mix).
 cp benchmarks/results/attention.md benchmarks/results/attention.md.json "$OUT/" 2>/dev/null
+python3 -c "import json, sys, torch
+rows = json.load(open(sys.argv[1]))
+sys.exit(any((r['device'], r['torch']) != (torch.cuda.get_device_name(), torch.__version__) for r in rows))" \
+  "$OUT/attention.md.json" 2>/dev/null || rm -f "$OUT/attention.md" "$OUT/attention.md.json"
 echo "== table N=$* ($(left) s left)"
 timeout "$(left)" python3 benchmarks/bench_attention.py --n "$@" --append --out "$OUT/attention.md" 2>&1 \
   | grep -E "N=|Error|error" | cut -c1-260
