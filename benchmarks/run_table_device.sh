@@ -2,11 +2,12 @@
 # The full results/attention.md table on the GPU machine, in calls that fit the
 # device tool's 10-minute limit (Flex (c) and (d) compile once per N and r):
 #   build:  build (sm_90a), `pytest -m cuda`, memcheck of a small fwd+bwd, a
-#           per-kernel profile at 32k r=4, then the 32k rows in the time left;
+#           per-kernel profile at 32k r=4, then a new table of the 32k rows;
 #           the built extension is copied to $OUT so later calls can carry it
 #   table N...: rows for those N (the extension must be in unigist/ already),
-#           appended to $OUT/attention.md, which starts from
-#           benchmarks/results/attention.md(.json) when that is of this device
+#           appended to a copy of benchmarks/results/attention.md(.json), i.e.
+#           the build call's table once committed there (bench_attention.py
+#           --append refuses rows of another device, torch or layout)
 # Usage on the GPU machine, from the repo root:
 #   OUT=/some/dir bash benchmarks/run_table_device.sh build
 #   OUT=/some/dir bash benchmarks/run_table_device.sh table 4096 8192 16384
@@ -38,15 +39,10 @@ if [ "$mode" = build ]; then
   timeout 60 python3 benchmarks/bench_attention.py --no-flex --n 32768 --ratio 4 --profile 2>&1 \
     | grep -E "unigist|kernel|Self CUDA" | sed -E 's/ {2,}/|/g' | awk -F'|' '{print $1, "|", $7, "|", $11}' | cut -c1-150
   set -- 32768
+else
+  cp benchmarks/results/attention.md benchmarks/results/attention.md.json "$OUT/"
 fi
-# Start from the committed table only when its rows are of this device and torch
-# (bench_attention.py --append refuses a mix).
-cp benchmarks/results/attention.md benchmarks/results/attention.md.json "$OUT/" 2>/dev/null
-python3 -c "import json, sys, torch
-rows = json.load(open(sys.argv[1]))
-sys.exit(any((r['device'], r['torch']) != (torch.cuda.get_device_name(), torch.__version__) for r in rows))" \
-  "$OUT/attention.md.json" 2>/dev/null || rm -f "$OUT/attention.md" "$OUT/attention.md.json"
 echo "== table N=$* ($(left) s left)"
 timeout "$(left)" python3 benchmarks/bench_attention.py --n "$@" --append --out "$OUT/attention.md" 2>&1 \
-  | grep -E "N=|Error|error" | cut -c1-260
+  | grep -E "N=|Error|error|--append" | cut -c1-260
 echo "done in $(( $(date +%s) - T0 )) s"
