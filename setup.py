@@ -8,6 +8,7 @@ that is set. MAX_JOBS caps ninja's parallelism, as in every torch extension.
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -60,13 +61,39 @@ def _cuda_header_dirs() -> list:
     return found
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_isa_args() -> list:
+    """Vector ISA of the CPU kernels' softmax (at::vec): AVX2 + FMA where the
+    build machine has them (UNIGIST_CPU_ISA=auto, the default), or the portable
+    scalar build (UNIGIST_CPU_ISA=default, for a build meant for older x86 CPUs).
+    The GEMMs run in ATen's cpublas, which picks its own ISA at run time."""
+    choice = os.environ.get("UNIGIST_CPU_ISA", "auto").lower()
+    if choice not in ("auto", "avx2", "default"):
+        raise ValueError(f"UNIGIST_CPU_ISA must be auto, avx2 or default, got {choice!r}")
+    if choice == "default" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if choice == "avx2" or {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-DUNIGIST_CPU_AVX2"]
+    return []
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
 def extensions():
     cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] + _cpu_isa_args()
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")

@@ -4,12 +4,14 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace unigist {
 
 inline void check_layout_args(int64_t ratio, int64_t window, int64_t num_sink) {
-  TORCH_CHECK(ratio >= 1, "unigist: ratio must be >= 1, got ", ratio);
-  TORCH_CHECK(window >= 1, "unigist: window must be >= 1, got ", window);
-  TORCH_CHECK(num_sink >= 0, "unigist: num_sink must be >= 0, got ", num_sink);
+  TORCH_CHECK_VALUE(ratio >= 1, "unigist: ratio must be >= 1, got ", ratio);
+  TORCH_CHECK_VALUE(window >= 1, "unigist: window must be >= 1, got ", window);
+  TORCH_CHECK_VALUE(num_sink >= 0, "unigist: num_sink must be >= 0, got ", num_sink);
 }
 
 // Checks q/k/v and returns nothing; `where` names the op in messages.
@@ -36,10 +38,19 @@ inline void check_attention_inputs(const char* where, const at::Tensor& q,
               k.size(1), ")");
   TORCH_CHECK(q.size(3) == k.size(3), where, ": head dims differ: q ", q.size(3),
               ", k ", k.size(3));
-  TORCH_CHECK(q_offset >= 0, where, ": q_offset must be >= 0, got ", q_offset);
-  TORCH_CHECK(k.size(2) >= q_offset + q.size(2), where, ": keys (", k.size(2),
-              ") must cover every query position: q_offset + q_len = ",
-              q_offset + q.size(2));
+  TORCH_CHECK_VALUE(q.size(3) >= 1, where, ": head_dim must be >= 1, got ", q.size(3));
+  TORCH_CHECK_VALUE(q_offset >= 0, where, ": q_offset must be >= 0, got ", q_offset);
+  // Compared as Nk - Nq >= q_offset so a huge q_offset cannot overflow.
+  TORCH_CHECK_VALUE(k.size(2) >= q.size(2) && k.size(2) - q.size(2) >= q_offset, where, ": keys (",
+                    k.size(2), ") must cover every query position: q_offset (", q_offset,
+                    ") + q_len (", q.size(2), ") > k_len");
+}
+
+// softmax_scale multiplies the logits; a NaN, infinite, zero or negative scale
+// would give garbage (or a different softmax) without any error.
+inline void check_softmax_scale(const char* where, double softmax_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, where,
+                    ": softmax_scale must be a finite positive number, got ", softmax_scale);
 }
 
 }  // namespace unigist

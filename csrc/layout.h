@@ -220,6 +220,26 @@ UNIGIST_HD int64_t unshift_position(int64_t spos, int64_t tile, int64_t n,
   return raw_index + raw_index / l.ratio;
 }
 
+// Where the keys of a call sit. Rows [0, num_keys) of k/v hold, in order:
+//   [0, cache_sinks)                     positions 0 .. cache_sinks-1,
+//   [cache_sinks, + cache_gists)         the gists first_gist, first_gist+1, ...,
+//   the rest (the tail)                  positions tail_start, tail_start+1, ...
+// The interleaved layout (training, a full forward) is {0, 0, 0, 0}: row j holds
+// position j. A compressed cache after eviction is [sinks | older gists | a
+// contiguous tail]; the descriptor gives every key's position by arithmetic.
+struct KeyLayout {
+  int64_t cache_sinks;
+  int64_t cache_gists;
+  int64_t first_gist;
+  int64_t tail_start;
+};
+
+UNIGIST_HD int64_t key_position(int64_t row, const KeyLayout& kl, const GistLayout& l) {
+  if (row < kl.cache_sinks) return row;
+  if (row < kl.cache_sinks + kl.cache_gists) return gist_position(kl.first_gist + row - kl.cache_sinks, l);
+  return kl.tail_start + (row - kl.cache_sinks - kl.cache_gists);
+}
+
 // KV eviction: keep cached position `pos` iff some query at position >=
 // next_query can still see it.
 UNIGIST_HD bool keep_for_future(int64_t pos, int64_t next_query,

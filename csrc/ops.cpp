@@ -2,6 +2,8 @@
 // live in csrc/cpu and csrc/cuda; this file only wires them up.
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
 
 // A Python module named unigist._C so `import unigist._C` loads the library
@@ -27,6 +29,25 @@ c10::SymInt evict_kv_sym(at::Tensor& key, at::Tensor& value, at::Tensor& positio
   return c10::SymInt(fn(key, value, positions, length, ratio, window, num_sink, next_query));
 }
 
+// The vector ISA the CPU kernels were compiled for (setup.py, UNIGIST_CPU_ISA),
+// and whether this CPU runs it: ops.py refuses to import a build whose
+// instructions this CPU lacks (rather than dying of SIGILL in a kernel).
+std::string cpu_isa() {
+#ifdef UNIGIST_CPU_AVX2
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+bool cpu_isa_runs_here() {
+#if defined(UNIGIST_CPU_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return true;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(unigist, m) {
@@ -39,6 +60,8 @@ TORCH_LIBRARY(unigist, m) {
       "int q_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   // 90 or 80: the CUDA forward kernel in use for q's device; 0 on CPU.
   m.def("gist_attention_fwd_arch(Tensor q) -> int");
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_isa_runs_here() -> bool", &cpu_isa_runs_here);
   m.def(
       "evict_kv(Tensor(a!) key, Tensor(b!) value, Tensor(c!) positions, int length, "
       "int ratio, int window, int num_sink, int next_query) -> SymInt");

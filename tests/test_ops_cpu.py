@@ -177,9 +177,9 @@ def test_raw_op_rejects_bad_input_with_clear_message():
     op = torch.ops.unigist.gist_attention_fwd
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         op(q, k[:, :2], v[:, :2], 2, 4, 1, 0.3, 0)
-    with pytest.raises(RuntimeError, match="ratio must be >= 1"):
+    with pytest.raises(ValueError, match="ratio must be >= 1"):
         op(q, k, v, 0, 4, 1, 0.3, 0)
-    with pytest.raises(RuntimeError, match="window must be >= 1"):
+    with pytest.raises(ValueError, match="window must be >= 1"):
         op(q, k, v, 2, 0, 1, 0.3, 0)
     with pytest.raises(RuntimeError, match="4-D"):
         op(q[0], k, v, 2, 4, 1, 0.3, 0)

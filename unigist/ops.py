@@ -10,9 +10,22 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library and registers torch.ops.unigist)
+
+if not torch.ops.unigist.cpu_isa_runs_here():
+    raise ImportError(
+        f"unigist's CPU kernels were built for {torch.ops.unigist.cpu_isa()} (the build machine's CPU), which this "
+        "CPU lacks; reinstall here, or build with UNIGIST_CPU_ISA=default for a portable build"
+    )
 from .config import GistConfig
 
-__all__ = ["gist_attention", "evict_kv", "has_cuda_kernels", "check_attention_inputs"]
+__all__ = [
+    "gist_attention",
+    "evict_kv",
+    "has_cuda_kernels",
+    "check_attention_inputs",
+    "lse_dtype_for",
+    "GistInputError",
+]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -24,31 +37,95 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("unigist::gist_attention_fwd", "CUDA")
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> None:
-    """Raise ValueError/TypeError/RuntimeError naming what is wrong with q, k, v."""
+class GistInputError(ValueError, RuntimeError):
+    """A malformed gist attention call: rank, dtype, device or shape mismatch.
+
+    Both a ValueError (what :func:`gist_attention` has always raised) and a
+    RuntimeError (what the C++ kernels raise for these checks, ``TORCH_CHECK``), so
+    the wrapper, the fake kernels and the real kernels can be caught alike. Bad
+    values (ratio, window, num_sink, head_dim, q_offset, softmax_scale) raise a
+    plain ValueError, like the kernels' ``TORCH_CHECK_VALUE``.
+    """
+
+
+def lse_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the log-sum-exp the ops return for inputs of ``dtype``: float64 for
+    float64 inputs (so float64 gradients stay exact at large logits), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offset: int = 0,
+    *,
+    softmax_scale: Optional[float] = None,
+    ratio: Optional[int] = None,
+    window: Optional[int] = None,
+    num_sink: Optional[int] = None,
+    where: str = "unigist.gist_attention",
+) -> None:
+    """Raise TypeError/ValueError/RuntimeError naming what is wrong with a gist attention call.
+
+    The one set of checks of the Python side: :func:`gist_attention` runs it before
+    calling the op, and the fake (meta) kernels run it at trace time, so a bad call
+    fails there as it would in the C++ kernel. ``softmax_scale``, ``ratio``, ``window``
+    and ``num_sink`` are checked when given. Tensors must all be on one device; an
+    all-meta (or all-fake) call is accepted.
+
+    Exception types follow the C++ checks: ValueError for bad values (ratio, window,
+    num_sink, head_dim < 1, q_offset, softmax_scale; ``TORCH_CHECK_VALUE`` there),
+    :class:`GistInputError` (a ValueError and a RuntimeError) for rank, dtype, device
+    and shape mismatches (``TORCH_CHECK`` there), TypeError for a non-tensor and
+    RuntimeError for a CUDA call to a build without CUDA kernels.
+    """
+    for name, low in (("ratio", 1), ("window", 1), ("num_sink", 0)):
+        value = {"ratio": ratio, "window": window, "num_sink": num_sink}[name]
+        if value is not None and (not _is_int(value) or value < low):
+            raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+            raise GistInputError(
+                f"{where}: {name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}"
+            )
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise GistInputError(f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise GistInputError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+        raise GistInputError(f"{where}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head dims differ: q {q.shape[3]}, k {k.shape[3]}")
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if k.shape[2] < q_offset + q.shape[2]:
-        raise ValueError(
-            f"keys ({k.shape[2]}) must cover every query position: q_offset + q_len = {q_offset + q.shape[2]}"
+        raise GistInputError(f"{where}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise GistInputError(
+            f"{where}: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
         )
+    if q.shape[3] != k.shape[3]:
+        raise GistInputError(f"{where}: head dims differ: q {q.shape[3]}, k {k.shape[3]}")
+    if q.shape[3] < 1:
+        raise ValueError(f"{where}: head_dim must be >= 1, got {q.shape[3]}")
+    if not _is_int(q_offset) or q_offset < 0:
+        raise ValueError(f"{where}: q_offset must be an int >= 0, got {q_offset!r}")
+    # Written as a difference so it cannot overflow in int64 (the C++ check does the same).
+    if q_offset > k.shape[2] - q.shape[2]:
+        raise ValueError(
+            f"{where}: keys ({k.shape[2]}) must cover every query position: "
+            f"q_offset + q_len = {q_offset} + {q.shape[2]} > {k.shape[2]}"
+        )
+    if softmax_scale is not None:
+        try:
+            scale = float(softmax_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: softmax_scale must be a finite float > 0, got {softmax_scale!r}") from None
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"{where}: softmax_scale must be a finite float > 0, got {softmax_scale!r}")
     if q.device.type == "cuda":
         if not has_cuda_kernels():
             raise RuntimeError(
@@ -56,14 +133,34 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
                 "reinstall on a machine with nvcc and a CUDA build of torch, or run on CPU tensors"
             )
         if q.dtype not in _CUDA_DTYPES:
-            raise ValueError(f"CUDA kernels take bfloat16 or float16, got {q.dtype}")
+            raise GistInputError(f"{where}: CUDA kernels take bfloat16 or float16, got {q.dtype}")
         if q.shape[3] not in _CUDA_HEAD_DIMS:
-            raise ValueError(f"CUDA kernels take head_dim 64 or 128, got {q.shape[3]}")
+            raise GistInputError(f"{where}: CUDA kernels take head_dim 64 or 128, got {q.shape[3]}")
     elif q.device.type == "cpu":
         if q.dtype not in _CPU_DTYPES:
-            raise ValueError(f"CPU kernels take float32, float64, bfloat16 or float16, got {q.dtype}")
+            raise GistInputError(f"{where}: CPU kernels take float32, float64, bfloat16 or float16, got {q.dtype}")
     elif q.device.type != "meta":
-        raise ValueError(f"unsupported device {q.device}; unigist runs on CPU and CUDA")
+        raise GistInputError(f"{where}: unsupported device {q.device}; unigist runs on CPU and CUDA")
+
+
+def _check_bwd_extras(where: str, dout, q, out, lse) -> None:
+    """The checks gist_attention_bwd adds to the forward's: dout, out and lse."""
+    for name, t in (("dout", dout), ("out", out), ("lse", lse)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise GistInputError(f"{where}: {name} must be on q's device {q.device}, got {t.device}")
+    for name, t in (("dout", dout), ("out", out)):
+        if t.shape != q.shape:
+            raise GistInputError(f"{where}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise GistInputError(f"{where}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    want = lse_dtype_for(q.dtype)
+    if lse.dtype != want or tuple(lse.shape) != tuple(q.shape[:3]):
+        raise GistInputError(
+            f"{where}: lse must be {str(want).replace('torch.', '')} [B, Hq, Nq] = {tuple(q.shape[:3])} "
+            f"for {q.dtype} inputs, got {lse.dtype} {tuple(lse.shape)}"
+        )
 
 
 def gist_attention(
@@ -81,34 +178,56 @@ def gist_attention(
     Args:
         q: ``[B, Hq, Nq, D]`` queries; row ``t`` sits at interleaved position ``q_offset + t``.
         k, v: ``[B, Hkv, Nk, D]`` keys and values at positions ``0..Nk-1`` (``Hq % Hkv == 0``).
+            Any strides (e.g. transposed views of ``[B, N, H, D]`` tensors): the kernels read
+            them in place.
         config: ratio, window and num_sink of the mask.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: defaults to ``1 / sqrt(D)``; must be finite and > 0.
         q_offset: position of the first query (chunked prefill over a longer key sequence).
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, Nq]`` (not differentiable).
+        return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float64 for float64
+            inputs, else float32; not differentiable).
 
     Returns:
-        ``out`` of q's shape and dtype (and ``lse`` with ``return_lse``). Differentiable in q, k, v.
+        ``out``, contiguous ``[B, Hq, Nq, D]`` in q's dtype (and ``lse`` with ``return_lse``).
+        Differentiable in q, k, v (first derivatives only: double backward raises).
     """
     if not isinstance(config, GistConfig):
         raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
-    check_attention_inputs(q, k, v, q_offset)
+    check_attention_inputs(q, k, v, q_offset, softmax_scale=softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale!r}")
     out, lse = torch.ops.unigist.gist_attention_fwd(
         q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset
     )
     return (out, lse) if return_lse else out
 
 
+# ---------------------------------------------------------------------------
+# fake (meta) kernels: the same checks and the same outputs (shapes, dtypes,
+# strides: every output is contiguous) as the real kernels
+# ---------------------------------------------------------------------------
+
+
 @torch.library.register_fake("unigist::gist_attention_fwd")
 def _fwd_fake(q, k, v, ratio, window, num_sink, softmax_scale, q_offset=0):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    check_attention_inputs(
+        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink,
+        where="unigist::gist_attention_fwd",
+    )
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
 
 
 @torch.library.register_fake("unigist::gist_attention_bwd")
 def _bwd_fake(dout, q, k, v, out, lse, ratio, window, num_sink, softmax_scale, q_offset=0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    where = "unigist::gist_attention_bwd"
+    check_attention_inputs(
+        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where
+    )
+    _check_bwd_extras(where, dout, q, out, lse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -121,11 +240,32 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.layout_args)
+    # dout goes in as it comes (any strides): the kernels read it in place.
+    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(dout, q, k, v, out, lse, *ctx.layout_args)
     return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("unigist::gist_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "unigist: second derivatives (double backward) of gist_attention are not supported: "
+    "unigist::gist_attention_bwd has no backward. Take first derivatives only (no backward "
+    "through gradients computed with create_graph=True), or use unigist.reference."
+    "gist_attention_reference for higher-order derivatives"
+)
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+def _bwd_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+# Without this the gradients of a create_graph=True backward would be constants
+# of the graph, and a second derivative through them would silently be zero.
+torch.library.register_autograd("unigist::gist_attention_bwd", _bwd_backward, setup_context=_bwd_setup_context)
 
 
 def evict_kv(

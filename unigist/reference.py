@@ -56,8 +56,9 @@ def gist_attention_reference(
     """Masked attention: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``.
 
     Computed in ``dtype`` (float64 by default) and returned in q's dtype;
-    with ``return_lse`` also the float32 log-sum-exp ``[B, Hq, Nq]`` of the
-    scaled scores. Rows that see no key give zeros and ``-inf``.
+    with ``return_lse`` also the log-sum-exp ``[B, Hq, Nq]`` of the scaled
+    scores, in the op's lse dtype: float64 when q is float64, else float32.
+    Rows that see no key give zeros and ``-inf``.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [batch, heads, seq, head_dim]")
@@ -77,7 +78,7 @@ def gist_attention_reference(
     probs = probs.masked_fill(~mask, 0.0)
     out = torch.matmul(probs, vf).to(q.dtype)
     if return_lse:
-        return out, lse.to(torch.float32)
+        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out
 
 

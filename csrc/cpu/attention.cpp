@@ -1,13 +1,27 @@
-// CPU kernels of gist attention. One query row at a time, visiting only the
-// keys the mask lets it see (sinks, far gists, local window), so the cost
-// follows the mask's non-zeros, like the CUDA kernels. This is the fallback for
-// users without a GPU and the path CI tests against the dense reference.
+// CPU kernels of gist attention, built like a flash-attention CPU kernel:
+// blocks of queries x blocks of keys, the two GEMMs of each block pair through
+// ATen's cpublas (oneDNN / MKL underneath), an online softmax with vectorized
+// exp (at::vec), accumulation in float32 (float64 for float64 inputs).
+//
+// Only the mask's key blocks are visited, by the arithmetic of layout.h: for a
+// block of queries, the sinks, the far gists (read with a row stride of
+// ratio + 1, or as one packed run when the keys come from a compressed cache)
+// and the local window, with an element mask only on blocks that the window
+// edge or the diagonal cuts. So the work follows the mask's non-zeros.
+//
+// q/k/v/dout/out are read in place through their strides (Hugging Face hands
+// over transposed [B, H, N, D] views); only the head dim must be unit-stride.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -18,138 +32,477 @@ namespace unigist {
 namespace {
 
 using layout::GistLayout;
+using layout::KeyLayout;
 
-// Calls fn(j) for every key j that query position q sees among keys [0, nk),
-// in increasing j. Within a single row the local part needs no mask: every key
-// of [local_lo, q] is inside the window.
-template <typename Fn>
-inline void for_each_visible_key(int64_t q, int64_t nk, const GistLayout& l, Fn&& fn) {
-  const layout::TileVisit t = layout::tile_visit(q, q, nk, l);
-  for (int64_t j = 0; j < t.sink_end; ++j) fn(j);
-  for (int64_t g = t.gist_begin; g < t.gist_end; ++g) fn(layout::gist_position(g, l));
-  for (int64_t j = t.local_lo; j < t.local_hi; ++j) fn(j);
+// Query and key block sizes. 64 x 256 keeps one score block (64 KiB fp32)
+// plus the output accumulator in L2 and gives cpublas GEMMs large enough to
+// run near the machine's matmul rate (measured: 60-80 GFLOP/s per core for
+// 64x256x64 fp32 and bf16 on the 2-core AVX2 CI machine, the rate of a large
+// matmul there).
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// C[M, N] (+)= A[M, K] B[K, N], all row-major with leading dimensions. float,
+// bfloat16 and half go to cpublas::brgemm (its non-VNNI form is the plain
+// cpublas GEMM with float accumulation); double, which cpublas has no block
+// product for, runs a simple loop (float64 is the exactness path, not a fast one).
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+                 int64_t ldb, float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const at::Half* A, int64_t lda, const at::Half* B,
+                 int64_t ldb, float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                 double* C, int64_t ldc, bool add) {
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    if (!add) std::fill(c, c + N, 0.0);
+    for (int64_t x = 0; x < K; ++x) {
+      const double a = A[i * lda + x];
+      const double* b = B + x * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
 }
 
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t d) {
-  acc_t s = 0;
-  for (int64_t x = 0; x < d; ++x) s += static_cast<acc_t>(a[x]) * static_cast<acc_t>(b[x]);
-  return s;
-}
-
-struct Dims {
-  int64_t B, Hq, Hkv, Nq, Nk, D, group;
+// Strided view of one [N, D] matrix per (batch, head): element (b, h, n, d) at
+// b * sb + h * sh + n * sn + d.
+template <typename T>
+struct Mat {
+  T* data;
+  int64_t sb, sh, sn;
+  T* at(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
 };
 
-Dims dims_of(const at::Tensor& q, const at::Tensor& k) {
-  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0};
-  d.group = d.Hq / d.Hkv;
-  return d;
+template <typename T>
+Mat<const T> mat_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The kernels read rows through the row stride and need unit stride along D
+// (and rows that do not overlap, for the GEMMs' leading dimension).
+at::Tensor rows_readable(const at::Tensor& t) {
+  const bool ok = t.size(3) <= 1 || t.stride(3) == 1;
+  const bool rows_ok = t.size(2) <= 1 || t.stride(2) >= t.size(3);
+  return ok && rows_ok ? t : t.contiguous();
+}
+
+// Everything about the keys of one call that the block walk needs.
+struct Geometry {
+  GistLayout l;
+  KeyLayout kl;
+  int64_t num_keys;      // rows of k/v
+  int64_t tail_row;      // first row of the tail
+  int64_t tail_end;      // one past the tail's last position
+  int64_t tail_gist0;    // global index of the first gist inside the tail
+  int64_t tail_gists;    // gists inside the tail
+};
+
+Geometry make_geometry(const GistLayout& l, const KeyLayout& kl, int64_t num_keys) {
+  Geometry g{l, kl, num_keys, 0, 0, 0, 0};
+  g.tail_row = kl.cache_sinks + kl.cache_gists;
+  g.tail_end = kl.tail_start + (num_keys - g.tail_row);
+  g.tail_gist0 = layout::gists_before(kl.tail_start, l);
+  g.tail_gists = layout::gists_before(g.tail_end, l) - g.tail_gist0;
+  return g;
+}
+
+// One block of keys a block of queries visits.
+struct KeyBlock {
+  int64_t row;       // k/v row of the first key
+  int64_t row_step;  // 1, or ratio + 1 for gists read out of the tail
+  int64_t n;         // keys in the block
+  int64_t kt_col;    // column of the first key in the transposed keys (KT or KgT)
+  bool packed_gist;  // columns of KgT (gathered tail gists) instead of KT
+  int64_t pos;       // position of the first key (contiguous blocks)
+  bool masked;       // some (query, key) pair of the block is not visible
+};
+
+// Calls fn(KeyBlock) for every key block the queries at positions [q_lo, q_hi]
+// see; together the blocks hold each visible (query, key) pair exactly once
+// (blocks marked `masked` also hold invisible pairs, which the caller masks
+// with `visible`). Mirrors layout::tile_visit, extended to the key layout.
+template <typename Fn>
+void for_each_key_block(int64_t q_lo, int64_t q_hi, const Geometry& g, Fn&& fn) {
+  const GistLayout& l = g.l;
+  auto contiguous = [&](int64_t row0, int64_t pos0, int64_t count, bool check) {
+    for (int64_t s = 0; s < count; s += kBlockK) {
+      const int64_t n = std::min(kBlockK, count - s);
+      const int64_t first = pos0 + s, last = first + n - 1;
+      // Every pair visible: causal for the earliest query, and either all
+      // sinks or all inside the latest query's window.
+      const bool full = !check || (last <= q_lo && (last < l.num_sink || q_hi - first < l.window));
+      fn(KeyBlock{row0 + s, 1, n, row0 + s, false, first, !full});
+    }
+  };
+  // Cached sinks and gists: older than the tail, so older than every query
+  // and outside every window, yet visible by rule: no mask.
+  const int64_t cached = g.kl.cache_sinks + g.kl.cache_gists;
+  if (cached > 0) contiguous(0, 0, cached, false);
+  const int64_t key_end = std::min(q_hi + 1, g.tail_end);
+  if (key_end <= g.kl.tail_start) return;
+  const int64_t t0 = g.kl.tail_start;
+  const int64_t sink_end = std::max(t0, std::min(l.num_sink, key_end));
+  const int64_t local_lo = std::min(std::max(sink_end, q_lo - l.window + 1), key_end);
+  if (sink_end > t0) contiguous(g.tail_row, t0, sink_end - t0, true);
+  // Far gists of the tail: seen by every query of the block, no mask.
+  const int64_t g_begin = layout::gists_before(sink_end, l);
+  const int64_t g_end = std::max(g_begin, layout::gists_before(local_lo, l));
+  for (int64_t gi = g_begin; gi < g_end; gi += kBlockK) {
+    const int64_t n = std::min(kBlockK, g_end - gi);
+    fn(KeyBlock{g.tail_row + layout::gist_position(gi, l) - t0, l.ratio + 1, n, gi - g.tail_gist0, true,
+                layout::gist_position(gi, l), false});
+  }
+  if (key_end > local_lo) contiguous(g.tail_row + (local_lo - t0), local_lo, key_end - local_lo, true);
+}
+
+// keep_far[j]: key pos0 + j is visible to any later query whatever the distance
+// (a sink or a gist); the window and causality decide the rest.
+inline void far_visible(int64_t pos0, int64_t n, const GistLayout& l, uint8_t* keep_far) {
+  int64_t phase = pos0 % (l.ratio + 1);
+  for (int64_t j = 0; j < n; ++j) {
+    keep_far[j] = (pos0 + j < l.num_sink) || phase == l.ratio;
+    phase = phase == l.ratio ? 0 : phase + 1;
+  }
+}
+
+// Scores of an element-masked block: -inf where query q_lo + c cannot see key pos0 + j.
+template <typename acc_t>
+void mask_scores(acc_t* s, int64_t lds, int64_t nq, int64_t n, int64_t q_lo, int64_t pos0, const GistLayout& l,
+                 const uint8_t* keep_far) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < nq; ++c) {
+    const int64_t q = q_lo + c;
+    acc_t* row = s + c * lds;
+    // Keys after the query: causal.
+    const int64_t causal_end = std::clamp<int64_t>(q - pos0 + 1, 0, n);
+    std::fill(row + causal_end, row + n, neg_inf);
+    // Keys before the window: only sinks and gists stay.
+    const int64_t win_begin = std::clamp<int64_t>(q - l.window + 1 - pos0, 0, causal_end);
+    for (int64_t j = 0; j < win_begin; ++j) {
+      if (!keep_far[j]) row[j] = neg_inf;
+    }
+  }
+}
+
+// K and V of one (batch, kv head) as the GEMMs read them, in the compute type
+// (float, or double for double inputs): K^T [D, num_keys] and the tail's gists
+// gathered, Kg^T [D, tail_gists], so that S = Q K^T and dQ^T += K^T dS^T are
+// row-major GEMMs; K and V rows themselves, in place through their strides
+// when the inputs are already in the compute type, else widened copies [N, D].
+// bfloat16/half run their GEMMs in float: on CPUs without bf16 matrix
+// instructions (AVX2) cpublas' 16-bit GEMM is a slow generic loop, and widening
+// K and V once per call costs O(N D), nothing next to the attention.
+template <typename scalar_t>
+struct HeadKV {
+  using ct = acc_type<scalar_t>;
+  static constexpr bool widen = !std::is_same_v<scalar_t, ct>;
+  int64_t nk = 0, ng = 0, D = 0;
+  std::vector<ct> kt, kgt, k_wide, v_wide;  // per (batch, kv head), concatenated
+  Mat<const scalar_t> k, v;
+
+  void build(const Mat<const scalar_t>& k_in, const Mat<const scalar_t>& v_in, int64_t B, int64_t Hkv,
+             int64_t D_, const Geometry& g) {
+    k = k_in;
+    v = v_in;
+    nk = g.num_keys;
+    ng = g.tail_gists;
+    D = D_;
+    kt.resize(static_cast<size_t>(B * Hkv * D * nk));
+    kgt.resize(static_cast<size_t>(B * Hkv * D * ng));
+    if (widen) {
+      k_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
+      v_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
+    }
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) build_head(bh / Hkv, bh % Hkv, bh, g);
+    });
+  }
+
+  void build_head(int64_t b, int64_t h, int64_t bh, const Geometry& g) {
+    ct* kt_h = kt.data() + bh * D * nk;
+    constexpr int64_t T = 16;
+    for (int64_t j0 = 0; j0 < nk; j0 += T) {
+      const int64_t j1 = std::min(nk, j0 + T);
+      for (int64_t d0 = 0; d0 < D; d0 += T) {
+        const int64_t d1 = std::min(D, d0 + T);
+        for (int64_t j = j0; j < j1; ++j) {
+          const scalar_t* src = k.at(b, h, j);
+          for (int64_t d = d0; d < d1; ++d) kt_h[d * nk + j] = static_cast<ct>(src[d]);
+        }
+      }
+    }
+    ct* kgt_h = kgt.data() + bh * D * ng;
+    for (int64_t c = 0; c < ng; ++c) {
+      const int64_t row = g.tail_row + layout::gist_position(g.tail_gist0 + c, g.l) - g.kl.tail_start;
+      const scalar_t* src = k.at(b, h, row);
+      for (int64_t d = 0; d < D; ++d) kgt_h[d * ng + c] = static_cast<ct>(src[d]);
+    }
+    if (widen) {
+      ct* kw = k_wide.data() + bh * nk * D;
+      ct* vw = v_wide.data() + bh * nk * D;
+      for (int64_t j = 0; j < nk; ++j) {
+        at::vec::convert(k.at(b, h, j), kw + j * D, D);
+        at::vec::convert(v.at(b, h, j), vw + j * D, D);
+      }
+    }
+  }
+
+  int64_t bh_of(int64_t b, int64_t h, int64_t Hkv) const { return b * Hkv + h; }
+  // K^T (or Kg^T) columns of a key block, with their leading dimension.
+  const ct* kt_cols(int64_t bh, const KeyBlock& kb, int64_t& ld) const {
+    ld = kb.packed_gist ? ng : nk;
+    return kb.packed_gist ? kgt.data() + bh * D * ng + kb.kt_col : kt.data() + bh * D * nk + kb.kt_col;
+  }
+  // K or V rows of a key block, with their leading dimension (row_step apart).
+  const ct* rows(bool value, int64_t b, int64_t h, int64_t bh, const KeyBlock& kb, int64_t& ld) const {
+    if constexpr (widen) {
+      ld = D * kb.row_step;
+      return (value ? v_wide : k_wide).data() + (bh * nk + kb.row) * D;
+    } else {
+      const Mat<const scalar_t>& m = value ? v : k;
+      ld = m.sn * kb.row_step;
+      return m.at(b, h, kb.row);
+    }
+  }
+};
+
+// Rows [t0, t0 + nq) of q (or dout) for a GEMM operand: in place when already
+// in the compute type, else widened into buf (leading dimension D).
+template <typename scalar_t>
+const acc_type<scalar_t>* query_rows(const Mat<const scalar_t>& m, int64_t b, int64_t h, int64_t t0, int64_t nq,
+                                     int64_t D, acc_type<scalar_t>* buf, int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    ld = m.sn;
+    return m.at(b, h, t0);
+  } else {
+    for (int64_t c = 0; c < nq; ++c) at::vec::convert(m.at(b, h, t0 + c), buf + c * D, D);
+    ld = D;
+    return buf;
+  }
+}
+
+// ----------------------------------------------------------------- forward
+template <typename scalar_t>
+void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                const Geometry& g, double scale, int64_t q_offset) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv;
+  const int64_t n_qblocks = (Nq + kBlockQ - 1) / kBlockQ;
+  const Mat<const scalar_t> qm = mat_of<scalar_t>(q);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  HeadKV<scalar_t> kv;
+  kv.build(mat_of<scalar_t>(k), mat_of<scalar_t>(v), B, Hkv, D, g);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, B * Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ),
+        q_buf(kBlockQ * D);
+    std::vector<uint8_t> keep_far(kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
+      const int64_t b = bh / Hq, h = bh % Hq, hk = h / group, bhk = b * Hkv + hk;
+      const int64_t t0 = qb * kBlockQ, nq = std::min(kBlockQ, Nq - t0);
+      const int64_t q_lo = q_offset + t0, q_hi = q_lo + nq - 1;
+      int64_t ldq = 0;
+      const acc_t* qp = query_rows(qm, b, h, t0, nq, D, q_buf.data(), ldq);
+      acc_t* s = s_buf.data();
+      acc_t* o = o_buf.data();
+      std::fill(o, o + nq * D, acc_t(0));
+      std::fill(m_buf.begin(), m_buf.begin() + nq, neg_inf);
+      std::fill(l_buf.begin(), l_buf.begin() + nq, acc_t(0));
+
+      for_each_key_block(q_lo, q_hi, g, [&](const KeyBlock& kb) {
+        const int64_t n = kb.n;
+        int64_t ldkt = 0, ldv = 0;
+        const acc_t* ktp = kv.kt_cols(bhk, kb, ldkt);
+        gemm(nq, n, D, qp, ldq, ktp, ldkt, s, kBlockK, /*add=*/false);
+        if (kb.masked) {
+          far_visible(kb.pos, n, g.l, keep_far.data());
+          mask_scores(s, kBlockK, nq, n, q_lo, kb.pos, g.l, keep_far.data());
+        }
+        for (int64_t c = 0; c < nq; ++c) {
+          acc_t* row = s + c * kBlockK;
+          // Scale and row max in one pass.
+          const acc_t row_max = at::vec::map_reduce_all<acc_t>(
+              [sc](Vec x) { return x * Vec(sc); }, [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, n);
+          const acc_t m_old = m_buf[c];
+          const acc_t m_new = std::max(m_old, row_max);
+          if (m_new == neg_inf) {  // nothing visible yet in this row
+            std::fill(row, row + n, acc_t(0));
+            continue;
+          }
+          // p = exp(s * scale - m_new) in place, row sum.
+          Vec vsum(acc_t(0));
+          const Vec vsc(sc), vm(m_new);
+          int64_t j = 0;
+          for (; j + Vec::size() <= n; j += Vec::size()) {
+            const Vec e = (Vec::loadu(row + j) * vsc - vm).exp();
+            vsum = vsum + e;
+            e.store(row + j);
+          }
+          acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, vsum);
+          for (; j < n; ++j) {
+            const acc_t e = std::exp(row[j] * sc - m_new);
+            sum += e;
+            row[j] = e;
+          }
+          const acc_t alpha = m_old == neg_inf ? acc_t(0) : std::exp(m_old - m_new);
+          l_buf[c] = l_buf[c] * alpha + sum;
+          m_buf[c] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* orow = o + c * D;
+            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, D);
+          }
+        }
+        const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
+        gemm(nq, D, n, s, kBlockK, vp, ldv, o, D, /*add=*/true);
+      });
+
+      scalar_t* orow0 = op + ((b * Hq + h) * Nq + t0) * D;
+      acc_t* lrow = lp + (b * Hq + h) * Nq + t0;
+      for (int64_t c = 0; c < nq; ++c) {
+        const acc_t l = l_buf[c];
+        const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, orow0 + c * D, o + c * D, D);
+        lrow[c] = l > 0 ? m_buf[c] + std::log(l) : neg_inf;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+// Per (batch, kv head, split of its query blocks): dK and dV accumulate in
+// buffers of the task (no two tasks write the same memory), dQ of each query
+// block is written by the one task that owns it. The block products are taken
+// in the transposed form S^T = K Q^T, so that P^T and dS^T come out row-major
+// for dV += P^T dO and dK += dS^T Q, and dQ^T += K^T dS^T reads the transposed
+// keys, as the forward does.
+template <typename scalar_t>
+void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk_acc,
+                at::Tensor& dv_acc, int64_t splits, const Geometry& g, double scale, int64_t q_offset) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const int64_t group = Hq / Hkv;
+  const int64_t n_qblocks = (Nq + kBlockQ - 1) / kBlockQ;
+  const int64_t units = group * n_qblocks;  // (query head of the group, query block)
+  const Mat<const scalar_t> qm = mat_of<scalar_t>(q), dom = mat_of<scalar_t>(dout), om = mat_of<scalar_t>(out);
+  const acc_t* lp = lse.const_data_ptr<acc_t>();
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  acc_t* dkp = dk_acc.data_ptr<acc_t>();
+  acc_t* dvp = dv_acc.data_ptr<acc_t>();
+  HeadKV<scalar_t> kv;
+  kv.build(mat_of<scalar_t>(k), mat_of<scalar_t>(v), B, Hkv, D, g);
+  const acc_t sc = static_cast<acc_t>(scale);
+
+  at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
+    // Row-major blocks: S^T / P^T / dP^T / dS^T [kBlockK, kBlockQ]; Q^T, dO^T,
+    // dQ^T [D, kBlockQ]; Q and dO rows [kBlockQ, D] when widened.
+    std::vector<acc_t> st(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), dqt(D * kBlockQ), qt(D * kBlockQ),
+        dot(D * kBlockQ), q_buf(kBlockQ * D), do_buf(kBlockQ * D);
+    std::vector<acc_t> lse_blk(kBlockQ), delta(kBlockQ);
+    std::vector<uint8_t> keep_far(kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t split = task % splits, bhk = task / splits;
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+      const int64_t u_begin = units * split / splits, u_end = units * (split + 1) / splits;
+      acc_t* dk_task = dkp + task * Nk * D;
+      acc_t* dv_task = dvp + task * Nk * D;
+      for (int64_t u = u_begin; u < u_end; ++u) {
+        const int64_t h = hk * group + u / n_qblocks, qb = u % n_qblocks;
+        const int64_t t0 = qb * kBlockQ, nq = std::min(kBlockQ, Nq - t0);
+        const int64_t q_lo = q_offset + t0, q_hi = q_lo + nq - 1;
+        int64_t ldq = 0, lddo = 0;
+        const acc_t* qp = query_rows(qm, b, h, t0, nq, D, q_buf.data(), ldq);
+        const acc_t* dop = query_rows(dom, b, h, t0, nq, D, do_buf.data(), lddo);
+        // Q^T, dO^T, the row statistics lse and delta = rowsum(dO * O).
+        for (int64_t c = 0; c < nq; ++c) {
+          const acc_t* qrow = qp + c * ldq;
+          const acc_t* dorow = dop + c * lddo;
+          const scalar_t* orow = om.at(b, h, t0 + c);
+          acc_t dsum = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qt[d * nq + c] = qrow[d];
+            dot[d * nq + c] = dorow[d];
+            dsum += dorow[d] * static_cast<acc_t>(orow[d]);
+          }
+          delta[c] = dsum;
+          lse_blk[c] = lp[(b * Hq + h) * Nq + t0 + c];
+        }
+        std::fill(dqt.begin(), dqt.begin() + D * nq, acc_t(0));
+
+        for_each_key_block(q_lo, q_hi, g, [&](const KeyBlock& kb) {
+          const int64_t n = kb.n;
+          int64_t ldk = 0, ldv = 0, ldkt = 0;
+          const acc_t* kp = kv.rows(false, b, hk, bhk, kb, ldk);
+          const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
+          acc_t* s = st.data();
+          // S^T = K Q^T, then P^T = exp(S^T * scale - lse) (0 where masked).
+          gemm(n, nq, D, kp, ldk, qt.data(), nq, s, nq, false);
+          if (kb.masked) far_visible(kb.pos, n, g.l, keep_far.data());
+          const Vec vsc(sc);
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t* row = s + j * nq;
+            int64_t c = 0;
+            for (; c + Vec::size() <= nq; c += Vec::size()) {
+              (Vec::loadu(row + c) * vsc - Vec::loadu(lse_blk.data() + c)).exp().store(row + c);
+            }
+            for (; c < nq; ++c) row[c] = std::exp(row[c] * sc - lse_blk[c]);
+            if (kb.masked) {
+              // Query q sees key p iff p <= q and (keep_far or q < p + window):
+              // an interval of the block's query columns.
+              const int64_t p = kb.pos + j;
+              const int64_t c_lo = std::clamp<int64_t>(p - q_lo, 0, nq);
+              const int64_t c_hi = keep_far[j] ? nq : std::clamp<int64_t>(p + g.l.window - q_lo, c_lo, nq);
+              std::fill(row, row + c_lo, acc_t(0));
+              std::fill(row + c_hi, row + nq, acc_t(0));
+            }
+          }
+          // dP^T = V dO^T, dS^T = P^T * (dP^T - delta) * scale.
+          acc_t* dp = dpt.data();
+          gemm(n, nq, D, vp, ldv, dot.data(), nq, dp, nq, false);
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t* drow = dp + j * nq;
+            at::vec::map3<acc_t>([sc](Vec pv, Vec dpv, Vec dl) { return pv * (dpv - dl) * Vec(sc); }, drow,
+                                 s + j * nq, drow, delta.data(), nq);
+          }
+          // dV += P^T dO, dK += dS^T Q (rows of the block, row_step apart).
+          gemm(n, D, nq, s, nq, dop, lddo, dv_task + kb.row * D, D * kb.row_step, true);
+          gemm(n, D, nq, dp, nq, qp, ldq, dk_task + kb.row * D, D * kb.row_step, true);
+          // dQ^T += K^T dS^T.
+          const acc_t* ktm = kv.kt_cols(bhk, kb, ldkt);
+          gemm(D, nq, n, ktm, ldkt, dp, nq, dqt.data(), nq, true);
+        });
+
+        scalar_t* dqrow = dqp + ((b * Hq + h) * Nq + t0) * D;
+        for (int64_t c = 0; c < nq; ++c) {
+          for (int64_t d = 0; d < D; ++d) dqrow[c * D + d] = static_cast<scalar_t>(dqt[d * nq + c]);
+        }
+      }
+    }
+  });
 }
 
 void check_cpu(const char* where, const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), where, ": expected CPU tensors, got ", q.device());
   const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble || st == at::kHalf, where,
-              ": CPU kernels take float32, float64, bfloat16 or float16, got ", st);
-}
-
-template <typename scalar_t>
-void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                at::Tensor& lse, const GistLayout& l, double scale, int64_t q_offset) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Dims d = dims_of(q, k);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  float* lp = lse.data_ptr<float>();
-  const int64_t rows = d.B * d.Hq * d.Nq;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores;
-    std::vector<int64_t> keys;
-    std::vector<acc_t> acc(d.D);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row % d.Nq;
-      const int64_t bh = row / d.Nq;
-      const int64_t b = bh / d.Hq, h = bh % d.Hq;
-      const int64_t kv_base = (b * d.Hkv + h / d.group) * d.Nk * d.D;
-      const scalar_t* qrow = qp + row * d.D;
-      scores.clear();
-      keys.clear();
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for_each_visible_key(q_offset + t, d.Nk, l, [&](int64_t j) {
-        const acc_t s = dot<acc_t>(qrow, kp + kv_base + j * d.D, d.D) * static_cast<acc_t>(scale);
-        scores.push_back(s);
-        keys.push_back(j);
-        m = std::max(m, s);
-      });
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t sum = 0;
-      for (size_t x = 0; x < keys.size(); ++x) {
-        const acc_t p = std::exp(scores[x] - m);
-        sum += p;
-        const scalar_t* vrow = vp + kv_base + keys[x] * d.D;
-        for (int64_t c = 0; c < d.D; ++c) acc[c] += p * static_cast<acc_t>(vrow[c]);
-      }
-      scalar_t* orow = op + row * d.D;
-      const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
-      for (int64_t c = 0; c < d.D; ++c) orow[c] = static_cast<scalar_t>(acc[c] * inv);
-      lp[row] = sum > 0 ? static_cast<float>(m + std::log(sum)) : -std::numeric_limits<float>::infinity();
-    }
-  });
-}
-
-template <typename scalar_t>
-void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk_heads,
-                at::Tensor& dv_heads, const GistLayout& l, double scale, int64_t q_offset) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Dims d = dims_of(q, k);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* dop = dout.data_ptr<scalar_t>();
-  const float* lp = lse.data_ptr<float>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  // Per query head, so heads of one GQA group never write the same memory.
-  acc_t* dkp = dk_heads.data_ptr<acc_t>();
-  acc_t* dvp = dv_heads.data_ptr<acc_t>();
-  const acc_t sc = static_cast<acc_t>(scale);
-  at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dq_acc(d.D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.Hq, h = bh % d.Hq;
-      const int64_t kv_base = (b * d.Hkv + h / d.group) * d.Nk * d.D;
-      acc_t* dk_head = dkp + bh * d.Nk * d.D;
-      acc_t* dv_head = dvp + bh * d.Nk * d.D;
-      for (int64_t t = 0; t < d.Nq; ++t) {
-        const int64_t row = bh * d.Nq + t;
-        const scalar_t* qrow = qp + row * d.D;
-        const scalar_t* dorow = dop + row * d.D;
-        const acc_t delta = dot<acc_t>(dorow, op + row * d.D, d.D);
-        const acc_t row_lse = static_cast<acc_t>(lp[row]);
-        std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-        for_each_visible_key(q_offset + t, d.Nk, l, [&](int64_t j) {
-          const scalar_t* krow = kp + kv_base + j * d.D;
-          const scalar_t* vrow = vp + kv_base + j * d.D;
-          const acc_t p = std::exp(dot<acc_t>(qrow, krow, d.D) * sc - row_lse);
-          const acc_t dp = dot<acc_t>(dorow, vrow, d.D);
-          const acc_t ds = p * (dp - delta) * sc;
-          acc_t* dkr = dk_head + j * d.D;
-          acc_t* dvr = dv_head + j * d.D;
-          for (int64_t c = 0; c < d.D; ++c) {
-            dq_acc[c] += ds * static_cast<acc_t>(krow[c]);
-            dkr[c] += ds * static_cast<acc_t>(qrow[c]);
-            dvr[c] += p * static_cast<acc_t>(dorow[c]);
-          }
-        });
-        scalar_t* dqrow = dqp + row * d.D;
-        for (int64_t c = 0; c < d.D; ++c) dqrow[c] = static_cast<scalar_t>(dq_acc[c]);
-      }
-    }
-  });
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble || st == at::kHalf, where,
+                   ": CPU kernels take float32, float64, bfloat16 or float16, got ", st);
 }
 
 at::ScalarType acc_type_of(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
@@ -162,13 +515,18 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cpu(const at::Tensor& q_in
                                                           double softmax_scale, int64_t q_offset) {
   const char* where = "unigist::gist_attention_fwd";
   check_attention_inputs(where, q_in, k_in, v_in, ratio, window, num_sink, q_offset);
+  check_softmax_scale(where, softmax_scale);
   check_cpu(where, q_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  const GistLayout l{ratio, window, num_sink};
+  const at::Tensor q = rows_readable(q_in), k = rows_readable(k_in), v = rows_readable(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type_of(q.scalar_type())));
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const Geometry g = make_geometry(GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0}, k.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(q, k, v, out, lse, l, softmax_scale, q_offset);
+    fwd_kernel<scalar_t>(q, k, v, out, lse, g, softmax_scale, q_offset);
   });
   return {out, lse};
 }
@@ -179,32 +537,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
     double softmax_scale, int64_t q_offset) {
   const char* where = "unigist::gist_attention_bwd";
   check_attention_inputs(where, q_in, k_in, v_in, ratio, window, num_sink, q_offset);
+  check_softmax_scale(where, softmax_scale);
   check_cpu(where, q_in);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), where,
               ": dout and out must have q's shape ", q_in.sizes(), ", got ", dout_in.sizes(), " and ",
               out_in.sizes());
-  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
-              where, ": dout and out must have q's dtype ", q_in.scalar_type());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
+  TORCH_CHECK_TYPE(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+                   where, ": dout and out must have q's dtype ", q_in.scalar_type());
+  const auto lse_type = acc_type_of(q_in.scalar_type());
+  TORCH_CHECK(lse_in.scalar_type() == lse_type && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
                   lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
-              where, ": lse must be float32 [B, Hq, Nq], got ", lse_in.scalar_type(), " ", lse_in.sizes());
+              where, ": lse must be ", lse_type == at::kDouble ? "float64" : "float32", " [B, Hq, Nq] (what gist_attention_fwd returns), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
   TORCH_CHECK(dout_in.device() == q_in.device() && out_in.device() == q_in.device() &&
                   lse_in.device() == q_in.device(),
               where, ": all tensors must be on one device");
-  const at::Tensor dout = dout_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(),
-                   v = v_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  const Dims d = dims_of(q, k);
-  at::Tensor dq = at::empty_like(q);
+  const at::Tensor dout = rows_readable(dout_in), q = rows_readable(q_in), k = rows_readable(k_in),
+                   v = rows_readable(v_in), out = rows_readable(out_in), lse = lse_in.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    return {dq, at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+  }
+  // Enough tasks for every thread: split a (batch, kv head)'s query blocks
+  // when there are fewer of those than threads (each split has its own dK/dV).
+  const int64_t units = (Hq / Hkv) * ((Nq + kBlockQ - 1) / kBlockQ);
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t splits = std::max<int64_t>(1, std::min(units, (want + B * Hkv - 1) / (B * Hkv)));
   const auto acc_opts = q.options().dtype(acc_type_of(q.scalar_type()));
-  at::Tensor dk_heads = at::zeros({d.B, d.Hq, d.Nk, d.D}, acc_opts);
-  at::Tensor dv_heads = at::zeros({d.B, d.Hq, d.Nk, d.D}, acc_opts);
-  const GistLayout l{ratio, window, num_sink};
+  at::Tensor dk_acc = at::zeros({B, Hkv, splits, Nk, D}, acc_opts);
+  at::Tensor dv_acc = at::zeros({B, Hkv, splits, Nk, D}, acc_opts);
+  const Geometry g = make_geometry(GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0}, Nk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_bwd_cpu", [&] {
-    bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk_heads, dv_heads, l, softmax_scale, q_offset);
+    bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, splits, g, softmax_scale, q_offset);
   });
-  // Sum the per-query-head gradients of each GQA group.
-  at::Tensor dk = dk_heads.view({d.B, d.Hkv, d.group, d.Nk, d.D}).sum(2).to(k.scalar_type());
-  at::Tensor dv = dv_heads.view({d.B, d.Hkv, d.group, d.Nk, d.D}).sum(2).to(v.scalar_type());
+  at::Tensor dk = (splits == 1 ? dk_acc.squeeze(2) : dk_acc.sum(2)).to(k.scalar_type()).contiguous();
+  at::Tensor dv = (splits == 1 ? dv_acc.squeeze(2) : dv_acc.sum(2)).to(v.scalar_type()).contiguous();
   return {dq, dk, dv};
 }
 

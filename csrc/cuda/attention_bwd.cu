@@ -542,6 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   using namespace cuda_detail;
   const char* where = "unigist.gist_attention_bwd";
   check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
+  check_softmax_scale(where, softmax_scale);
   check_cuda_qkv(where, q, k, v);
   check_cuda_tensor(where, "dout", dout, q);
   check_cuda_tensor(where, "out", out, q);

@@ -255,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(const at::Tensor& q, 
   const char* where = "unigist.gist_attention_fwd";
   check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
   check_cuda_qkv(where, q, k, v);
-  TORCH_CHECK(std::isfinite(softmax_scale), where, ": softmax_scale must be finite");
+  check_softmax_scale(where, softmax_scale);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);

@@ -214,3 +214,30 @@ TEST(Layout, KeepForFutureIsWhatLaterQueriesSee) {
         EXPECT_EQ(L::keep_for_future(p, next, l), seen);
       }
 }
+
+// A compressed cache built by evicting, from the interleaved keys 0..seen-1,
+// every key no query at position >= evicted_at sees, holds exactly
+// [sinks | gists older than the tail | contiguous tail]; key_position of the
+// descriptor gives the position of every kept row.
+TEST(Layout, KeyPositionDescribesAnEvictedCache) {
+  for (const GistLayout& l : layouts()) {
+    for (int64_t seen = 1; seen <= 40; ++seen) {
+      for (int64_t evicted_at = 0; evicted_at <= seen; ++evicted_at) {
+        std::vector<int64_t> kept;
+        for (int64_t p = 0; p < seen; ++p)
+          if (L::keep_for_future(p, evicted_at, l)) kept.push_back(p);
+        // The tail starts after the last hole (or at 0 without one).
+        int64_t tail_start = 0;
+        for (int64_t p = 0; p < seen; ++p)
+          if (!L::keep_for_future(p, evicted_at, l)) tail_start = p + 1;
+        const int64_t sinks = std::min(l.num_sink, tail_start);
+        const int64_t first_gist = L::gists_before(sinks, l);
+        const int64_t gists = std::max<int64_t>(0, L::gists_before(tail_start, l) - first_gist);
+        const L::KeyLayout kl{sinks, gists, first_gist, tail_start};
+        ASSERT_EQ(static_cast<int64_t>(kept.size()), sinks + gists + (seen - tail_start));
+        for (int64_t row = 0; row < static_cast<int64_t>(kept.size()); ++row)
+          ASSERT_EQ(L::key_position(row, kl, l), kept[row]) << "seen " << seen << " evicted_at " << evicted_at;
+      }
+    }
+  }
+}
