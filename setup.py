@@ -93,7 +93,9 @@ def _rel(paths):
 
 def extensions():
     cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3"] + _cpu_isa_args()
+    # at::parallel_for is an inline template of ATen's OpenMP backend: without
+    # -fopenmp the kernels' loops over heads and query blocks would run serially.
+    cxx_flags = ["-O3", "-fopenmp"] + _cpu_isa_args()
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
@@ -111,6 +113,7 @@ def extensions():
                 cpu_sources + cuda_sources,
                 include_dirs=include_dirs + _cuda_header_dirs(),
                 extra_compile_args={"cxx": cxx_flags + ["-DUNIGIST_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_link_args=["-fopenmp"],
             )
         ]
     return [
@@ -119,6 +122,7 @@ def extensions():
             cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     ]
 

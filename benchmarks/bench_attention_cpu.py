@@ -500,7 +500,8 @@ def parse_args(argv):
     )
     ap.add_argument("--n", type=int, nargs="+", help=f"sequence lengths (default {FULL['n']})")
     ap.add_argument("--d", type=int, nargs="+", help=f"head dims (default {FULL['d']})")
-    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), metavar="DTYPE", help=f"float32, bfloat16, float16 (fp32, bf16, fp16) (default {FULL['dtype']})")
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), metavar="DTYPE",
+                    help=f"float32, bfloat16, float16 (or fp32, bf16, fp16); default {FULL['dtype']}")
     ap.add_argument("--windows", type=_windows, nargs="+", metavar="W:S",
                     help=f"(window, num_sink) pairs (default {' '.join(FULL['windows'])})")
     ap.add_argument("--ratios", type=int, nargs="+", help=f"gist ratios (default {FULL['ratios']})")

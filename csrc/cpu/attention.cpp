@@ -39,8 +39,14 @@ using layout::KeyLayout;
 // run near the machine's matmul rate (measured: 60-80 GFLOP/s per core for
 // 64x256x64 fp32 and bf16 on the 2-core AVX2 CI machine, the rate of a large
 // matmul there).
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
+#ifndef UNIGIST_CPU_BQ
+#define UNIGIST_CPU_BQ 64
+#endif
+#ifndef UNIGIST_CPU_BK
+#define UNIGIST_CPU_BK 256
+#endif
+constexpr int64_t kBlockQ = UNIGIST_CPU_BQ;
+constexpr int64_t kBlockK = UNIGIST_CPU_BK;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -207,6 +213,10 @@ struct HeadKV {
   using ct = acc_type<scalar_t>;
   static constexpr bool widen = !std::is_same_v<scalar_t, ct>;
   int64_t nk = 0, ng = 0, D = 0;
+  // Row strides of K^T and Kg^T: padded off multiples of 1 KiB, since a
+  // power-of-two stride (N = 4096 floats is 16 KiB) maps the D rows a GEMM
+  // reads to a few cache sets (measured: 1.6x slower S = Q K^T at N = 4096).
+  int64_t ld_kt = 0, ld_kgt = 0;
   std::vector<ct> kt, kgt, k_wide, v_wide;  // per (batch, kv head), concatenated
   Mat<const scalar_t> k, v;
 
@@ -217,8 +227,10 @@ struct HeadKV {
     nk = g.num_keys;
     ng = g.tail_gists;
     D = D_;
-    kt.resize(static_cast<size_t>(B * Hkv * D * nk));
-    kgt.resize(static_cast<size_t>(B * Hkv * D * ng));
+    ld_kt = padded_ld(nk);
+    ld_kgt = padded_ld(ng);
+    kt.resize(static_cast<size_t>(B * Hkv * D * ld_kt));
+    kgt.resize(static_cast<size_t>(B * Hkv * D * ld_kgt));
     if (widen) {
       k_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
       v_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
@@ -228,8 +240,10 @@ struct HeadKV {
     });
   }
 
+  static int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
   void build_head(int64_t b, int64_t h, int64_t bh, const Geometry& g) {
-    ct* kt_h = kt.data() + bh * D * nk;
+    ct* kt_h = kt.data() + bh * D * ld_kt;
     constexpr int64_t T = 16;
     for (int64_t j0 = 0; j0 < nk; j0 += T) {
       const int64_t j1 = std::min(nk, j0 + T);
@@ -237,15 +251,15 @@ struct HeadKV {
         const int64_t d1 = std::min(D, d0 + T);
         for (int64_t j = j0; j < j1; ++j) {
           const scalar_t* src = k.at(b, h, j);
-          for (int64_t d = d0; d < d1; ++d) kt_h[d * nk + j] = static_cast<ct>(src[d]);
+          for (int64_t d = d0; d < d1; ++d) kt_h[d * ld_kt + j] = static_cast<ct>(src[d]);
         }
       }
     }
-    ct* kgt_h = kgt.data() + bh * D * ng;
+    ct* kgt_h = kgt.data() + bh * D * ld_kgt;
     for (int64_t c = 0; c < ng; ++c) {
       const int64_t row = g.tail_row + layout::gist_position(g.tail_gist0 + c, g.l) - g.kl.tail_start;
       const scalar_t* src = k.at(b, h, row);
-      for (int64_t d = 0; d < D; ++d) kgt_h[d * ng + c] = static_cast<ct>(src[d]);
+      for (int64_t d = 0; d < D; ++d) kgt_h[d * ld_kgt + c] = static_cast<ct>(src[d]);
     }
     if (widen) {
       ct* kw = k_wide.data() + bh * nk * D;
@@ -260,8 +274,8 @@ struct HeadKV {
   int64_t bh_of(int64_t b, int64_t h, int64_t Hkv) const { return b * Hkv + h; }
   // K^T (or Kg^T) columns of a key block, with their leading dimension.
   const ct* kt_cols(int64_t bh, const KeyBlock& kb, int64_t& ld) const {
-    ld = kb.packed_gist ? ng : nk;
-    return kb.packed_gist ? kgt.data() + bh * D * ng + kb.kt_col : kt.data() + bh * D * nk + kb.kt_col;
+    ld = kb.packed_gist ? ld_kgt : ld_kt;
+    return kb.packed_gist ? kgt.data() + bh * D * ld_kgt + kb.kt_col : kt.data() + bh * D * ld_kt + kb.kt_col;
   }
   // K or V rows of a key block, with their leading dimension (row_step apart).
   const ct* rows(bool value, int64_t b, int64_t h, int64_t bh, const KeyBlock& kb, int64_t& ld) const {
