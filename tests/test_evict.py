@@ -133,9 +133,9 @@ def test_evict_bad_inputs(mutate, message):
 
 def test_evict_bad_layout_args():
     k, v, p = torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2), torch.arange(4)
-    with pytest.raises(RuntimeError, match="ratio"):
+    with pytest.raises(ValueError, match="ratio"):
         torch.ops.unigist.evict_kv(k, v, p, 4, 0, 3, 1, 4)
-    with pytest.raises(RuntimeError, match="window"):
+    with pytest.raises(ValueError, match="window"):
         torch.ops.unigist.evict_kv(k, v, p, 4, 2, 0, 1, 4)
     with pytest.raises(TypeError):
         evict_kv(k, v, p, 4, 4, config=None)

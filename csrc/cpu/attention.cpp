@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -47,6 +48,14 @@ using layout::KeyLayout;
 #endif
 constexpr int64_t kBlockQ = UNIGIST_CPU_BQ;
 constexpr int64_t kBlockK = UNIGIST_CPU_BK;
+// The far gists need no mask and every query block reads the same ones (hot
+// in cache): longer blocks there mean fewer GEMM calls and output rescales.
+#ifndef UNIGIST_CPU_BK_FAR
+#define UNIGIST_CPU_BK_FAR 256
+#endif
+constexpr int64_t kBlockKFar = UNIGIST_CPU_BK_FAR;
+// Row stride of the per-thread score blocks: the longest key block.
+constexpr int64_t kBlockKMax = kBlockK > kBlockKFar ? kBlockK : kBlockKFar;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -94,12 +103,12 @@ Mat<const T> mat_of(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The kernels read rows through the row stride and need unit stride along D
-// (and rows that do not overlap, for the GEMMs' leading dimension).
+// The kernels read rows through the row stride and need unit stride along D.
+// The row stride is a GEMM leading dimension, which BLAS requires to be >= D
+// even for a single row (a size-1 dim may carry any stride).
 at::Tensor rows_readable(const at::Tensor& t) {
-  const bool ok = t.size(3) <= 1 || t.stride(3) == 1;
-  const bool rows_ok = t.size(2) <= 1 || t.stride(2) >= t.size(3);
-  return ok && rows_ok ? t : t.contiguous();
+  const bool unit_d = t.size(3) <= 1 || t.stride(3) == 1;
+  return unit_d && t.stride(2) >= t.size(3) ? t : t.contiguous();
 }
 
 // Everything about the keys of one call that the block walk needs.
@@ -163,8 +172,8 @@ void for_each_key_block(int64_t q_lo, int64_t q_hi, const Geometry& g, Fn&& fn) 
   // Far gists of the tail: seen by every query of the block, no mask.
   const int64_t g_begin = layout::gists_before(sink_end, l);
   const int64_t g_end = std::max(g_begin, layout::gists_before(local_lo, l));
-  for (int64_t gi = g_begin; gi < g_end; gi += kBlockK) {
-    const int64_t n = std::min(kBlockK, g_end - gi);
+  for (int64_t gi = g_begin; gi < g_end; gi += kBlockKFar) {
+    const int64_t n = std::min(kBlockKFar, g_end - gi);
     fn(KeyBlock{g.tail_row + layout::gist_position(gi, l) - t0, l.ratio + 1, n, gi - g.tail_gist0, true,
                 layout::gist_position(gi, l), false});
   }
@@ -200,6 +209,44 @@ void mask_scores(acc_t* s, int64_t lds, int64_t nq, int64_t n, int64_t q_lo, int
   }
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in 8 x 8
+// tiles (at::vec's AVX2 transpose for float).
+template <typename T>
+void transpose_rows(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      at::vec::transpose_mxn<T, 8, 8>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    }
+    if (c < cols) {
+      at::vec::transpose_mxn<T>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst, 8,
+                                static_cast<int>(cols - c));
+    }
+  }
+  if (r < rows) {
+    at::vec::transpose_mxn<T>(src + r * ld_src, ld_src, dst + r, ld_dst, static_cast<int>(rows - r),
+                              static_cast<int>(cols));
+  }
+}
+
+// Buffers of the calling thread that outlive a call (slot: which buffer).
+// Grown on demand, never zero-filled; released when a call needed more than
+// kWorkspaceKeep elements, so a one-off long sequence does not pin its memory.
+constexpr int64_t kWorkspaceKeep = int64_t(1) << 24;
+
+template <typename T>
+T* workspace(int slot, int64_t n) {
+  thread_local std::unique_ptr<T[]> bufs[4];
+  thread_local int64_t sizes[4] = {0, 0, 0, 0};
+  n = std::max<int64_t>(n, 1);
+  if (sizes[slot] < n || (sizes[slot] > kWorkspaceKeep && n <= kWorkspaceKeep)) {
+    bufs[slot].reset(new T[static_cast<size_t>(n)]);
+    sizes[slot] = n;
+  }
+  return bufs[slot].get();
+}
+
 // K and V of one (batch, kv head) as the GEMMs read them, in the compute type
 // (float, or double for double inputs): K^T [D, num_keys] and the tail's gists
 // gathered, Kg^T [D, tail_gists], so that S = Q K^T and dQ^T += K^T dS^T are
@@ -217,7 +264,10 @@ struct HeadKV {
   // power-of-two stride (N = 4096 floats is 16 KiB) maps the D rows a GEMM
   // reads to a few cache sets (measured: 1.6x slower S = Q K^T at N = 4096).
   int64_t ld_kt = 0, ld_kgt = 0;
-  std::vector<ct> kt, kgt, k_wide, v_wide;  // per (batch, kv head), concatenated
+  // Per (batch, kv head), concatenated. Reused across calls of the same
+  // thread: fresh buffers of several MiB cost page faults and zero-filling on
+  // every call (measured: ~10% of a 4k forward).
+  ct *kt = nullptr, *kgt = nullptr, *k_wide = nullptr, *v_wide = nullptr;
   Mat<const scalar_t> k, v;
 
   void build(const Mat<const scalar_t>& k_in, const Mat<const scalar_t>& v_in, int64_t B, int64_t Hkv,
@@ -229,11 +279,11 @@ struct HeadKV {
     D = D_;
     ld_kt = padded_ld(nk);
     ld_kgt = padded_ld(ng);
-    kt.resize(static_cast<size_t>(B * Hkv * D * ld_kt));
-    kgt.resize(static_cast<size_t>(B * Hkv * D * ld_kgt));
+    kt = workspace<ct>(0, B * Hkv * D * ld_kt);
+    kgt = workspace<ct>(1, B * Hkv * D * ld_kgt);
     if (widen) {
-      k_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
-      v_wide.resize(static_cast<size_t>(B * Hkv * nk * D));
+      k_wide = workspace<ct>(2, B * Hkv * nk * D);
+      v_wide = workspace<ct>(3, B * Hkv * nk * D);
     }
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) build_head(bh / Hkv, bh % Hkv, bh, g);
@@ -243,31 +293,26 @@ struct HeadKV {
   static int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
   void build_head(int64_t b, int64_t h, int64_t bh, const Geometry& g) {
-    ct* kt_h = kt.data() + bh * D * ld_kt;
-    constexpr int64_t T = 16;
-    for (int64_t j0 = 0; j0 < nk; j0 += T) {
-      const int64_t j1 = std::min(nk, j0 + T);
-      for (int64_t d0 = 0; d0 < D; d0 += T) {
-        const int64_t d1 = std::min(D, d0 + T);
-        for (int64_t j = j0; j < j1; ++j) {
-          const scalar_t* src = k.at(b, h, j);
-          for (int64_t d = d0; d < d1; ++d) kt_h[d * ld_kt + j] = static_cast<ct>(src[d]);
-        }
-      }
-    }
-    ct* kgt_h = kgt.data() + bh * D * ld_kgt;
-    for (int64_t c = 0; c < ng; ++c) {
-      const int64_t row = g.tail_row + layout::gist_position(g.tail_gist0 + c, g.l) - g.kl.tail_start;
-      const scalar_t* src = k.at(b, h, row);
-      for (int64_t d = 0; d < D; ++d) kgt_h[d * ld_kgt + c] = static_cast<ct>(src[d]);
-    }
-    if (widen) {
-      ct* kw = k_wide.data() + bh * nk * D;
-      ct* vw = v_wide.data() + bh * nk * D;
+    // Rows of K in the compute type: in place, or widened first.
+    const ct* k_rows;
+    int64_t ld;
+    if constexpr (widen) {
+      ct* kw = k_wide + bh * nk * D;
+      ct* vw = v_wide + bh * nk * D;
       for (int64_t j = 0; j < nk; ++j) {
         at::vec::convert(k.at(b, h, j), kw + j * D, D);
         at::vec::convert(v.at(b, h, j), vw + j * D, D);
       }
+      k_rows = kw;
+      ld = D;
+    } else {
+      k_rows = k.at(b, h, 0);
+      ld = k.sn;
+    }
+    transpose_rows(k_rows, ld, nk, D, kt + bh * D * ld_kt, ld_kt);
+    if (ng > 0) {  // the tail's gists are ratio + 1 rows apart
+      const int64_t row = g.tail_row + layout::gist_position(g.tail_gist0, g.l) - g.kl.tail_start;
+      transpose_rows(k_rows + row * ld, ld * (g.l.ratio + 1), ng, D, kgt + bh * D * ld_kgt, ld_kgt);
     }
   }
 
@@ -275,13 +320,13 @@ struct HeadKV {
   // K^T (or Kg^T) columns of a key block, with their leading dimension.
   const ct* kt_cols(int64_t bh, const KeyBlock& kb, int64_t& ld) const {
     ld = kb.packed_gist ? ld_kgt : ld_kt;
-    return kb.packed_gist ? kgt.data() + bh * D * ld_kgt + kb.kt_col : kt.data() + bh * D * ld_kt + kb.kt_col;
+    return kb.packed_gist ? kgt + bh * D * ld_kgt + kb.kt_col : kt + bh * D * ld_kt + kb.kt_col;
   }
   // K or V rows of a key block, with their leading dimension (row_step apart).
   const ct* rows(bool value, int64_t b, int64_t h, int64_t bh, const KeyBlock& kb, int64_t& ld) const {
     if constexpr (widen) {
       ld = D * kb.row_step;
-      return (value ? v_wide : k_wide).data() + (bh * nk + kb.row) * D;
+      return (value ? v_wide : k_wide) + (bh * nk + kb.row) * D;
     } else {
       const Mat<const scalar_t>& m = value ? v : k;
       ld = m.sn * kb.row_step;
@@ -323,9 +368,9 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ),
+    std::vector<acc_t> s_buf(kBlockQ * kBlockKMax), o_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ),
         q_buf(kBlockQ * D);
-    std::vector<uint8_t> keep_far(kBlockK);
+    std::vector<uint8_t> keep_far(kBlockKMax);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
       const int64_t b = bh / Hq, h = bh % Hq, hk = h / group, bhk = b * Hkv + hk;
@@ -343,13 +388,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
         const int64_t n = kb.n;
         int64_t ldkt = 0, ldv = 0;
         const acc_t* ktp = kv.kt_cols(bhk, kb, ldkt);
-        gemm(nq, n, D, qp, ldq, ktp, ldkt, s, kBlockK, /*add=*/false);
+        gemm(nq, n, D, qp, ldq, ktp, ldkt, s, kBlockKMax, /*add=*/false);
         if (kb.masked) {
           far_visible(kb.pos, n, g.l, keep_far.data());
-          mask_scores(s, kBlockK, nq, n, q_lo, kb.pos, g.l, keep_far.data());
+          mask_scores(s, kBlockKMax, nq, n, q_lo, kb.pos, g.l, keep_far.data());
         }
         for (int64_t c = 0; c < nq; ++c) {
-          acc_t* row = s + c * kBlockK;
+          acc_t* row = s + c * kBlockKMax;
           // Scale and row max in one pass.
           const acc_t row_max = at::vec::map_reduce_all<acc_t>(
               [sc](Vec x) { return x * Vec(sc); }, [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, n);
@@ -364,7 +409,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
           const Vec vsc(sc), vm(m_new);
           int64_t j = 0;
           for (; j + Vec::size() <= n; j += Vec::size()) {
-            const Vec e = (Vec::loadu(row + j) * vsc - vm).exp();
+            const Vec e = (Vec::loadu(row + j) * vsc - vm).exp_u20();
             vsum = vsum + e;
             e.store(row + j);
           }
@@ -383,7 +428,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
           }
         }
         const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
-        gemm(nq, D, n, s, kBlockK, vp, ldv, o, D, /*add=*/true);
+        gemm(nq, D, n, s, kBlockKMax, vp, ldv, o, D, /*add=*/true);
       });
 
       scalar_t* orow0 = op + ((b * Hq + h) * Nq + t0) * D;
@@ -425,12 +470,12 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const acc_t sc = static_cast<acc_t>(scale);
 
   at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
-    // Row-major blocks: S^T / P^T / dP^T / dS^T [kBlockK, kBlockQ]; Q^T, dO^T,
+    // Row-major blocks: S^T / P^T / dP^T / dS^T [kBlockKMax, kBlockQ]; Q^T, dO^T,
     // dQ^T [D, kBlockQ]; Q and dO rows [kBlockQ, D] when widened.
-    std::vector<acc_t> st(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), dqt(D * kBlockQ), qt(D * kBlockQ),
+    std::vector<acc_t> st(kBlockKMax * kBlockQ), dpt(kBlockKMax * kBlockQ), dqt(D * kBlockQ), qt(D * kBlockQ),
         dot(D * kBlockQ), q_buf(kBlockQ * D), do_buf(kBlockQ * D);
     std::vector<acc_t> lse_blk(kBlockQ), delta(kBlockQ);
-    std::vector<uint8_t> keep_far(kBlockK);
+    std::vector<uint8_t> keep_far(kBlockKMax);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, bhk = task / splits;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -474,7 +519,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             acc_t* row = s + j * nq;
             int64_t c = 0;
             for (; c + Vec::size() <= nq; c += Vec::size()) {
-              (Vec::loadu(row + c) * vsc - Vec::loadu(lse_blk.data() + c)).exp().store(row + c);
+              (Vec::loadu(row + c) * vsc - Vec::loadu(lse_blk.data() + c)).exp_u20().store(row + c);
             }
             for (; c < nq; ++c) row[c] = std::exp(row[c] * sc - lse_blk[c]);
             if (kb.masked) {
