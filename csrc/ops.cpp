@@ -58,6 +58,16 @@ TORCH_LIBRARY(unigist, m) {
       "gist_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int ratio, int window, int num_sink, float softmax_scale, "
       "int q_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Keys in the compressed-cache layout [sinks | gists | contiguous tail]
+  // (csrc/layout.h KeyLayout); CPU kernels only so far.
+  m.def(
+      "gist_attention_cache_fwd(Tensor q, Tensor k, Tensor v, int ratio, int window, int num_sink, "
+      "float softmax_scale, int q_offset, int cache_sinks, int cache_gists, int first_gist, int tail_start) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "gist_attention_cache_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int ratio, "
+      "int window, int num_sink, float softmax_scale, int q_offset, int cache_sinks, int cache_gists, "
+      "int first_gist, int tail_start) -> (Tensor dq, Tensor dk, Tensor dv)");
   // 90 or 80: the CUDA forward kernel in use for q's device; 0 on CPU.
   m.def("gist_attention_fwd_arch(Tensor q) -> int");
   m.def("cpu_isa() -> str", &cpu_isa);
@@ -70,6 +80,8 @@ TORCH_LIBRARY(unigist, m) {
 TORCH_LIBRARY_IMPL(unigist, CPU, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cpu);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cpu);
+  m.impl("gist_attention_cache_fwd", &unigist::gist_attention_cache_fwd_cpu);
+  m.impl("gist_attention_cache_bwd", &unigist::gist_attention_cache_bwd_cpu);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cpu>);
   m.impl("gist_attention_fwd_arch", [](const at::Tensor&) -> int64_t { return 0; });
 }

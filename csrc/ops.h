@@ -23,6 +23,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
     int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
     int64_t q_offset);
 
+// The same over keys in a compressed-cache layout (layout::KeyLayout): rows
+// [cache_sinks | cache_gists gists from first_gist | tail from tail_start];
+// queries at q_offset.. inside the tail. CPU only for now: on CUDA the
+// compressed cache still runs SDPA with a mask (hf.py).
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,
+    int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
+    int64_t first_gist, int64_t tail_start);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset, int64_t cache_sinks, int64_t cache_gists, int64_t first_gist, int64_t tail_start);
+
 // In-place KV eviction. key/value [B, H, C, D], positions int64 [C]; rows
 // [0, length) are valid. Keeps, in order, the rows whose position a query at
 // position >= next_query can still see, moves them to the front and returns

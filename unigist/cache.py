@@ -20,8 +20,14 @@ being processed. Two eviction policies keep that bound:
   bound. The bound counts the gists inside the window twice, which leaves
   about ``window / (ratio + 1)`` entries of slack, so in decoding the op runs
   about once every ``window / ratio`` steps instead of every step; in between,
-  the few stale keys are masked (one small mask per forward, shared by all
-  layers). ``unigist.generate`` still evicts strictly after every prefill chunk.
+  the tail only starts earlier and the attention masks its few stale keys.
+  ``unigist.generate`` still evicts strictly after every prefill chunk.
+
+After any eviction a layer holds ``[sinks | gists older than the tail | a
+contiguous tail]``; :meth:`GistCacheLayer.key_layout` gives that layout by
+arithmetic (a :class:`unigist.layout.KeyLayout`), and the attention function gets
+it from the cache itself (the ``gist_cache`` forward kwarg, see ``unigist.hf``),
+not from attributes on tensors.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import GistConfig
-from .layout import num_gists
+from .layout import KeyLayout, is_gist, num_gists
 from .ops import evict_kv
 
 __all__ = ["evict_kv", "GistCache", "GistCacheLayer"]
@@ -62,6 +68,8 @@ class GistCacheLayer(CacheLayerMixin):
         self.evicted_at = 0  # last next_query the layer was evicted for
         self.peak_length = 0
         self.peak_capacity = 0
+        self.all_visible = False
+        self.layout_unread = False  # evicted rows the attention function has not been told about
         self._k = self._v = self._pos = None
 
     # ----------------------------------------------------------------- buffers
@@ -148,15 +156,32 @@ class GistCacheLayer(CacheLayerMixin):
         self.length = need
         self.seen = start + n
         self.peak_length = max(self.peak_length, need)
+        self.all_visible = all_visible  # every cached key is visible to the chunk's first query
         self._refresh_views()
-        keys, values = self.keys, self.values
-        # The attention function reads the key positions from here (the model code
-        # passes these very tensor objects to it).
-        keys.unigist_positions = self._pos[:need]
-        keys.unigist_query_start = start
-        keys.unigist_contiguous = need == self.seen  # nothing evicted yet: positions 0..seen-1
-        keys.unigist_all_visible = all_visible  # every cached key is visible to the first query
-        return keys, values
+        return self.keys, self.values
+
+    def key_layout(self) -> KeyLayout:
+        """Where the rows sit, by arithmetic: ``[sinks | gists older than the tail | tail]``.
+
+        Eviction for a query at ``evicted_at`` removed exactly the raw positions
+        ``num_sink <= p <= evicted_at - window``, so the tail starts after the
+        last of them (lazy eviction only moves that point less often).
+        """
+        c = self.gist_config
+        last = min(self.evicted_at - c.window, self.seen - 1)
+        if last >= 0 and bool(is_gist(last, c)):
+            last -= 1  # the position before a gist is raw
+        if last < c.num_sink:
+            kl = KeyLayout()
+        else:
+            first_gist = num_gists(c.num_sink, c)
+            kl = KeyLayout(c.num_sink, num_gists(last + 1, c) - first_gist, first_gist, last + 1)
+        if kl.cache_sinks + kl.cache_gists + (self.seen - kl.tail_start) != self.length:
+            raise RuntimeError(
+                f"unigist: the GistCache layer holds {self.length} rows where its layout {kl} predicts "
+                f"{kl.cache_sinks + kl.cache_gists + self.seen - kl.tail_start}; it was fed positions out of order"
+            )
+        return kl
 
     # --------------------------------------------------------- HF Cache API
     def get_seq_length(self) -> int:
@@ -249,11 +274,42 @@ class GistCache(Cache):
             super().__init__(layer_class_to_replicate=functools.partial(GistCacheLayer, config, capacity, eviction))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx < len(self.layers) and self.layers[layer_idx].layout_unread:
+            raise RuntimeError(
+                "unigist: the last forward's attention never read this GistCache's key layout, so it took the "
+                "evicted cache for the uncompressed sequence (wrong outputs). transformers < 5.24 does not hand "
+                "the cache to the attention function: use unigist.generate, or pass gist_cache=cache to the "
+                "model call with past_key_values=cache"
+            )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        keys.unigist_mask_memo = self._mask_memo
+        # The attention function needs this cache to know where the keys sit (their
+        # positions after eviction). transformers (>= 5.24) hands the attention
+        # module's kwargs to the cache update and then on to the attention function:
+        # put the cache there. unigist.generate also passes gist_cache=cache itself.
+        attention_kwargs = kwargs.get("kwargs")
+        if isinstance(attention_kwargs, dict):
+            attention_kwargs["gist_cache"] = self
+        elif args:
+            # An older transformers' attention module (it passes cache_kwargs
+            # positionally): unless gist_cache=cache was given to the model, its
+            # attention will not read the layout; the next update says so.
+            layer = self.layers[layer_idx]
+            layer.layout_unread = not layer.key_layout().is_interleaved
         if layer_idx == len(self.layers) - 1:  # every layer has appended: the forward's peak
             self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
         return keys, values
+
+    def attention_args(self, layer_idx: int, num_keys: int, num_queries: int) -> tuple[KeyLayout, int]:
+        """``(key_layout, q_offset)`` of layer ``layer_idx``'s keys for the chunk of
+        ``num_queries`` queries just appended (what the attention function needs)."""
+        layer = self.layers[layer_idx]
+        layer.layout_unread = False
+        if num_keys != layer.length or num_queries > layer.length:
+            raise RuntimeError(
+                f"unigist: attention got {num_keys} keys and {num_queries} queries but GistCache layer {layer_idx} "
+                f"holds {layer.length} rows; the keys did not come from this cache's last update"
+            )
+        return layer.key_layout(), layer.seen - num_queries
 
     def reset(self) -> None:
         super().reset()

@@ -235,6 +235,7 @@ def generate(
             position_ids=torch.arange(start, start + ids.shape[0], device=device)[None],
             past_key_values=cache,
             use_cache=True,
+            gist_cache=cache,  # the explicit channel of the cache's key layout to unigist attention
         )
         if keep_kw:
             kwargs["logits_to_keep"] = 0 if output_logits else 1

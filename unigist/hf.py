@@ -9,16 +9,21 @@ and switches the model to it. The ``"unigist"`` entry of
 mask through (right padding is allowed), and the attention function derives the
 UniGist mask from positions.
 
-The attention function has two paths:
+The attention function has three paths:
 
-* keys at contiguous positions ``0..Nk-1`` (training, a full-sequence forward,
+* keys from a :class:`unigist.GistCache` (chunked prefill and decoding): the cache
+  reaches the attention function through the ``gist_cache`` forward kwarg (which
+  :func:`unigist.generate` passes, and which the cache puts into the attention
+  kwargs itself on transformers >= 5.24) and says where its rows sit, a
+  :class:`unigist.layout.KeyLayout` ``[sinks | gists | contiguous tail]``. On CPU
+  every chunk and every decode step runs the op over that layout (no SDPA, no
+  mask). On CUDA the op has no compressed-layout kernel yet: the chunks before the
+  first eviction run the interleaved kernel, later ones SDPA with a mask built from
+  the keys' positions (none in decoding, where every cached key is visible);
+* a ``gist_key_positions`` forward kwarg: SDPA with a mask over those positions;
+* otherwise keys sit at positions ``0..Nk-1`` (training, a full-sequence forward,
   a plain ``DynamicCache``): :func:`unigist.gist_attention` (the C++/CUDA op,
-  differentiable) with ``q_offset = Nk - Nq``;
-* keys from a :class:`unigist.GistCache` (a compressed cache whose rows are not
-  contiguous positions): the cache hands over the key positions, the mask comes
-  from :func:`unigist.reference.gist_mask_from_positions` and attention runs in
-  ``torch.nn.functional.scaled_dot_product_attention``; in decoding (one query)
-  every cached key is visible, so no mask is built at all.
+  differentiable) with ``q_offset = Nk - Nq``.
 
 :func:`unpatch_model` restores the previous attention implementation. The
 extra embedding row (and the tokenizer's gist token) stay: they are harmless
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 from .config import GistConfig
 from .ops import gist_attention, has_cuda_kernels
-from .reference import gist_mask, gist_mask_from_positions
+from .layout import gist_mask, gist_mask_from_positions
 
 __all__ = [
     "ATTENTION_NAME",
@@ -54,8 +59,9 @@ _CUDA_HEAD_DIMS = (64, 128)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned: set = set()
-# Use the gist_attention kernel for cached chunks whose keys are still contiguous
-# positions (the first prefill chunk); otherwise SDPA with a positions mask.
+# CUDA: use the interleaved gist_attention kernel for GistCache chunks before any
+# eviction (the first prefill chunk); later chunks run SDPA with a positions mask
+# until the CUDA kernels take the compressed layout. (CPU: always the kernel.)
 USE_KERNEL_WITH_CACHE = True
 
 
@@ -180,9 +186,10 @@ def unigist_attention_forward(
 
     query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]``; returns
     ``(attn_output [B, Nq, Hq, D], None)`` like every ``AttentionInterface`` function.
-    Key positions come from a :class:`unigist.GistCache` (attached to the keys it
-    returns) or from a ``gist_key_positions`` forward kwarg; otherwise keys are
-    taken to sit at positions ``0..Nk-1`` and queries at the last ``Nq`` of them.
+    Key positions come from a :class:`unigist.GistCache` (the ``gist_cache`` kwarg,
+    see the module docstring) or from a ``gist_key_positions`` forward kwarg;
+    otherwise keys are taken to sit at positions ``0..Nk-1`` and queries at the
+    last ``Nq`` of them.
     """
     cfg = _module_gist_config(module)
     if dropout:
@@ -194,28 +201,49 @@ def unigist_attention_forward(
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     nq, nk = query.shape[2], key.shape[2]
 
-    k_pos = kwargs.get("gist_key_positions")
-    from_cache = False
-    if k_pos is None:
-        k_pos = getattr(key, "unigist_positions", None)
-        from_cache = k_pos is not None
-    cache_keys = key  # carries the GistCache's attributes; a cast below would drop them
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         # Under autocast RoPE hands back float32 q/k. SDPA would compute in the
         # autocast dtype, and so does the kernel (it takes 16-bit inputs only).
         amp_dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (t if t.dtype == amp_dtype else t.to(amp_dtype) for t in (query, key, value))
-    if k_pos is not None and k_pos.shape[-1] != nk:
-        raise ValueError(f"gist key positions ({k_pos.shape[-1]}) do not match the number of keys ({nk})")
 
-    if k_pos is None or (
-        from_cache and USE_KERNEL_WITH_CACHE and getattr(cache_keys, "unigist_contiguous", False) and _op_supports(query)
-    ):
-        # Keys at positions 0..Nk-1, queries at the last Nq positions.
-        if k_pos is None:
-            _check_padding_mask(attention_mask, module)
+    cache = kwargs.get("gist_cache")
+    k_pos = kwargs.get("gist_key_positions")
+    if cache is not None:
+        # Keys from a GistCache: its layer says where they sit ([sinks | gists | tail]).
+        key_layout, q_offset = cache.attention_args(module.layer_idx, nk, nq)
+        if query.device.type == "cpu" and _op_supports(query):
+            out = gist_attention(query, key, value, cfg, softmax_scale=scale, q_offset=q_offset, key_layout=key_layout)
+            return out.transpose(1, 2).contiguous(), None
+        if key_layout.is_interleaved and USE_KERNEL_WITH_CACHE and _op_supports(query):
+            # Nothing evicted yet (the first prefill chunk): the interleaved kernel.
+            out = gist_attention(query, key, value, cfg, softmax_scale=scale, q_offset=q_offset)
+            return out.transpose(1, 2).contiguous(), None
+        # CUDA has no kernel for the compressed layout yet: SDPA with a mask over the
+        # keys' positions (none when every cached key is visible to one query).
+        layer = cache.layers[module.layer_idx]
+        if layer.all_visible and nq == 1:
+            mask = None
+        else:
+            memo_key = (q_offset, nq, nk, query.dtype, query.device)
+            mask = cache._mask_memo.get(memo_key)
+            if mask is None:
+                k_pos = layer.positions.to(query.device)
+                mask = _additive_mask(k_pos[-nq:], k_pos, cfg, query.dtype)
+                cache._mask_memo.clear()
+                cache._mask_memo[memo_key] = mask
+        out = _sdpa(query, key, value, mask, scale)
+    elif k_pos is not None:
+        if k_pos.shape[-1] != nk:
+            raise ValueError(f"gist key positions ({k_pos.shape[-1]}) do not match the number of keys ({nk})")
+        k_pos = k_pos.to(query.device)
+        out = _sdpa(query, key, value, _additive_mask(k_pos[-nq:], k_pos, cfg, query.dtype), scale)
+    else:
+        # Keys at positions 0..Nk-1 (training, a full forward, a DynamicCache),
+        # queries at the last Nq of them.
+        _check_padding_mask(attention_mask, module)
         q_offset = nk - nq
-        if k_pos is not None or _op_supports(query):
+        if _op_supports(query):
             out = gist_attention(query, key, value, cfg, softmax_scale=scale, q_offset=q_offset)
         else:
             _warn_once(
@@ -225,21 +253,6 @@ def unigist_attention_forward(
             )
             mask = gist_mask(nq, nk, cfg, q_offset=q_offset, device=query.device)
             out = _sdpa(query, key, value, mask, scale)
-    else:
-        if from_cache and getattr(cache_keys, "unigist_all_visible", False) and nq == 1:
-            # The cache holds no key this query cannot see: no mask.
-            mask = None
-        else:
-            memo = getattr(cache_keys, "unigist_mask_memo", None) if from_cache else None
-            memo_key = (getattr(cache_keys, "unigist_query_start", None), nq, nk, query.dtype, query.device)
-            mask = memo.get(memo_key) if memo is not None else None
-            if mask is None:
-                k_pos = k_pos.to(query.device)
-                mask = _additive_mask(k_pos[-nq:], k_pos, cfg, query.dtype)
-                if memo is not None:
-                    memo.clear()
-                    memo[memo_key] = mask
-        out = _sdpa(query, key, value, mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

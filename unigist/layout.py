@@ -27,6 +27,10 @@ __all__ = [
     "row_nnz",
     "mask_nnz",
     "keep_for_future",
+    "KeyLayout",
+    "key_positions",
+    "gist_mask",
+    "gist_mask_from_positions",
 ]
 
 IntOrTensor = Union[int, torch.Tensor]
@@ -193,3 +197,53 @@ def mask_nnz(q_len: int, k_len: int, config: GistConfig, q_offset: int = 0) -> i
 def keep_for_future(positions: torch.Tensor, next_query: int, config: GistConfig) -> torch.Tensor:
     """Which cached positions a query at position ``>= next_query`` can still see."""
     return (positions < config.num_sink) | is_gist(positions, config) | (next_query - positions < config.window)
+
+
+class KeyLayout(NamedTuple):
+    """Where the keys of an attention call sit (``layout::KeyLayout`` in csrc/layout.h).
+
+    Rows of k/v hold, in order: positions ``0 .. cache_sinks-1``; the gists
+    ``first_gist, first_gist+1, ...`` (``cache_gists`` of them); then a contiguous
+    tail of positions ``tail_start, tail_start+1, ...``. A compressed cache after
+    eviction is ``[sinks | gists older than the tail | tail]``; the interleaved
+    layout of training is ``KeyLayout()`` (row ``j`` at position ``j``).
+    """
+
+    cache_sinks: int = 0
+    cache_gists: int = 0
+    first_gist: int = 0
+    tail_start: int = 0
+
+    @property
+    def is_interleaved(self) -> bool:
+        return self == KeyLayout()
+
+
+def key_positions(key_layout: KeyLayout, num_keys: int, ratio: Union[GistConfig, int], device=None) -> torch.Tensor:
+    """Interleaved position of each of the ``num_keys`` key rows of ``key_layout`` (int64)."""
+    r = _ratio(ratio)
+    s, g = key_layout.cache_sinks, key_layout.cache_gists
+    sinks = torch.arange(s, device=device)
+    gists = (torch.arange(g, device=device) + key_layout.first_gist) * (r + 1) + r
+    tail = torch.arange(num_keys - s - g, device=device) + key_layout.tail_start
+    return torch.cat([sinks, gists, tail])
+
+
+def gist_mask_from_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, config: GistConfig) -> torch.Tensor:
+    """Boolean mask ``[len(q_pos), len(k_pos)]``: True where query may attend key.
+
+    Positions are interleaved positions, so this also serves compressed caches
+    whose keys are not contiguous.
+    """
+    i = q_pos.reshape(-1, 1)
+    j = k_pos.reshape(1, -1)
+    return (j <= i) & ((j < config.num_sink) | is_gist(j, config) | (i - j < config.window))
+
+
+def gist_mask(
+    q_len: int, k_len: int, config: GistConfig, q_offset: int = 0, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Mask for queries at positions ``q_offset + [0, q_len)`` over keys ``[0, k_len)``."""
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    return gist_mask_from_positions(q_pos, k_pos, config)

@@ -17,6 +17,7 @@ if not torch.ops.unigist.cpu_isa_runs_here():
         "CPU lacks; reinstall here, or build with UNIGIST_CPU_ISA=default for a portable build"
     )
 from .config import GistConfig
+from .layout import KeyLayout
 
 __all__ = [
     "gist_attention",
@@ -25,6 +26,7 @@ __all__ = [
     "check_attention_inputs",
     "lse_dtype_for",
     "GistInputError",
+    "KeyLayout",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -69,6 +71,7 @@ def check_attention_inputs(
     window: Optional[int] = None,
     num_sink: Optional[int] = None,
     where: str = "unigist.gist_attention",
+    keys_cover: bool = True,
 ) -> None:
     """Raise TypeError/ValueError/RuntimeError naming what is wrong with a gist attention call.
 
@@ -114,7 +117,8 @@ def check_attention_inputs(
     if not _is_int(q_offset) or q_offset < 0:
         raise ValueError(f"{where}: q_offset must be an int >= 0, got {q_offset!r}")
     # Written as a difference so it cannot overflow in int64 (the C++ check does the same).
-    if q_offset > k.shape[2] - q.shape[2]:
+    # (A compressed cache, keys_cover=False, has its own check: check_key_layout.)
+    if keys_cover and q_offset > k.shape[2] - q.shape[2]:
         raise ValueError(
             f"{where}: keys ({k.shape[2]}) must cover every query position: "
             f"q_offset + q_len = {q_offset} + {q.shape[2]} > {k.shape[2]}"
@@ -172,8 +176,9 @@ def gist_attention(
     softmax_scale: Optional[float] = None,
     q_offset: int = 0,
     return_lse: bool = False,
+    key_layout: Optional[KeyLayout] = None,
 ):
-    """UniGist sparse attention over the interleaved layout.
+    """UniGist sparse attention over the interleaved layout, or over a compressed cache.
 
     Args:
         q: ``[B, Hq, Nq, D]`` queries; row ``t`` sits at interleaved position ``q_offset + t``.
@@ -185,6 +190,11 @@ def gist_attention(
         q_offset: position of the first query (chunked prefill over a longer key sequence).
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float64 for float64
             inputs, else float32; not differentiable).
+        key_layout: keys in a compressed-cache layout (:class:`unigist.layout.KeyLayout`:
+            ``[sinks | gists | contiguous tail]``) instead of positions ``0..Nk-1``; the
+            queries must lie inside the tail. Same mask, same result as the dense mask on
+            the keys' positions; differentiable. CPU kernels only for now (on CUDA the
+            compressed cache still runs SDPA with a mask, see ``unigist.hf``).
 
     Returns:
         ``out``, contiguous ``[B, Hq, Nq, D]`` in q's dtype (and ``lse`` with ``return_lse``).
@@ -192,12 +202,53 @@ def gist_attention(
     """
     if not isinstance(config, GistConfig):
         raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
-    check_attention_inputs(q, k, v, q_offset, softmax_scale=softmax_scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.unigist.gist_attention_fwd(
-        q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset
-    )
+    if key_layout is not None and not isinstance(key_layout, KeyLayout):
+        raise TypeError(f"key_layout must be a unigist.layout.KeyLayout, got {type(key_layout).__name__}")
+    if key_layout is None or key_layout.is_interleaved:
+        check_attention_inputs(q, k, v, q_offset, softmax_scale=softmax_scale)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+        out, lse = torch.ops.unigist.gist_attention_fwd(
+            q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset
+        )
+    else:
+        where = "unigist.gist_attention"
+        check_attention_inputs(q, k, v, q_offset, softmax_scale=softmax_scale, where=where, keys_cover=False)
+        check_key_layout(where, q, k, q_offset, key_layout, config.ratio, config.num_sink)
+        if q.device.type == "cuda":
+            raise NotImplementedError(
+                "unigist.gist_attention: the compressed-cache key layout has CPU kernels only so far; "
+                "on CUDA, pass keys in the interleaved layout (key_layout=None)"
+            )
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+        out, lse = torch.ops.unigist.gist_attention_cache_fwd(
+            q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset, *key_layout
+        )
     return (out, lse) if return_lse else out
+
+
+def check_key_layout(where: str, q, k, q_offset, key_layout: KeyLayout, ratio, num_sink) -> None:
+    """ValueError unless ``key_layout`` describes a compressed cache whose tail holds every
+    query (the checks of the C++ ``check_key_layout``)."""
+    for name, value in zip(KeyLayout._fields, key_layout):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{where}: key_layout.{name} must be an int >= 0, got {value!r}")
+    s, g, g0, t0 = key_layout
+    nk, nq = k.shape[2], q.shape[2]
+    if s + g > nk:
+        raise ValueError(f"{where}: cache_sinks ({s}) + cache_gists ({g}) exceed the {nk} key rows")
+    if s > num_sink or s > t0:
+        raise ValueError(f"{where}: cache_sinks ({s}) must be <= num_sink ({num_sink}) and <= tail_start ({t0})")
+    if g > 0 and not (g0 * (ratio + 1) + ratio >= s and (g0 + g - 1) * (ratio + 1) + ratio < t0):
+        raise ValueError(
+            f"{where}: the cached gists {g0} .. {g0 + g - 1} must sit after the cached sinks ({s}) "
+            f"and before tail_start ({t0})"
+        )
+    tail_rows = nk - s - g
+    if q_offset < t0 or nq > tail_rows or q_offset - t0 > tail_rows - nq:
+        raise ValueError(
+            f"{where}: queries at positions {q_offset} .. {q_offset} + {nq} - 1 must lie inside the tail of "
+            f"{tail_rows} keys starting at position {t0}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +317,58 @@ def _bwd_backward(ctx, *grads):
 # Without this the gradients of a create_graph=True backward would be constants
 # of the graph, and a second derivative through them would silently be zero.
 torch.library.register_autograd("unigist::gist_attention_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
+@torch.library.register_fake("unigist::gist_attention_cache_fwd")
+def _cache_fwd_fake(
+    q, k, v, ratio, window, num_sink, softmax_scale, q_offset, cache_sinks, cache_gists, first_gist, tail_start
+):
+    key_layout = (cache_sinks, cache_gists, first_gist, tail_start)
+    where = "unigist::gist_attention_cache_fwd"
+    check_attention_inputs(
+        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
+        keys_cover=False,
+    )
+    check_key_layout(where, q, k, q_offset, KeyLayout(*key_layout), ratio, num_sink)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
+
+
+@torch.library.register_fake("unigist::gist_attention_cache_bwd")
+def _cache_bwd_fake(
+    dout, q, k, v, out, lse, ratio, window, num_sink, softmax_scale, q_offset, cache_sinks, cache_gists, first_gist,
+    tail_start,
+):
+    key_layout = (cache_sinks, cache_gists, first_gist, tail_start)
+    where = "unigist::gist_attention_cache_bwd"
+    check_attention_inputs(
+        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
+        keys_cover=False,
+    )
+    check_key_layout(where, q, k, q_offset, KeyLayout(*key_layout), ratio, num_sink)
+    _check_bwd_extras(where, dout, q, out, lse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _cache_fwd_setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.layout_args = tuple(inputs[3:])
+    ctx.mark_non_differentiable(lse)
+
+
+def _cache_fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.unigist.gist_attention_cache_bwd(dout, q, k, v, out, lse, *ctx.layout_args)
+    return (dq, dk, dv) + (None,) * len(ctx.layout_args)
+
+
+torch.library.register_autograd(
+    "unigist::gist_attention_cache_fwd", _cache_fwd_backward, setup_context=_cache_fwd_setup_context
+)
+torch.library.register_autograd(
+    "unigist::gist_attention_cache_bwd", _bwd_backward, setup_context=_bwd_setup_context
+)
 
 
 def evict_kv(

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from .config import GistConfig
-from .layout import is_gist, keep_for_future
+# The mask builders live in layout.py (production code uses them); re-exported here.
+from .layout import gist_mask, gist_mask_from_positions, keep_for_future
 
 __all__ = [
     "gist_mask",
@@ -21,26 +22,6 @@ __all__ = [
     "gist_attention_reference",
     "evict_kv_reference",
 ]
-
-
-def gist_mask_from_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, config: GistConfig) -> torch.Tensor:
-    """Boolean mask ``[len(q_pos), len(k_pos)]``: True where query may attend key.
-
-    Positions are interleaved positions, so this also serves compressed caches
-    whose keys are not contiguous.
-    """
-    i = q_pos.reshape(-1, 1)
-    j = k_pos.reshape(1, -1)
-    return (j <= i) & ((j < config.num_sink) | is_gist(j, config) | (i - j < config.window))
-
-
-def gist_mask(
-    q_len: int, k_len: int, config: GistConfig, q_offset: int = 0, device: Optional[torch.device] = None
-) -> torch.Tensor:
-    """Mask for queries at positions ``q_offset + [0, q_len)`` over keys ``[0, k_len)``."""
-    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)
-    k_pos = torch.arange(k_len, device=device)
-    return gist_mask_from_positions(q_pos, k_pos, config)
 
 
 def gist_attention_reference(
@@ -52,13 +33,16 @@ def gist_attention_reference(
     q_offset: int = 0,
     return_lse: bool = False,
     dtype: torch.dtype = torch.float64,
+    k_positions: Optional[torch.Tensor] = None,
 ):
     """Masked attention: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``.
 
     Computed in ``dtype`` (float64 by default) and returned in q's dtype;
     with ``return_lse`` also the log-sum-exp ``[B, Hq, Nq]`` of the scaled
     scores, in the op's lse dtype: float64 when q is float64, else float32.
-    Rows that see no key give zeros and ``-inf``.
+    Rows that see no key give zeros and ``-inf``. Keys sit at positions
+    ``0..Nk-1``, or at ``k_positions`` (e.g. a compressed cache's,
+    :func:`unigist.layout.key_positions`).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [batch, heads, seq, head_dim]")
@@ -70,7 +54,11 @@ def gist_attention_reference(
     qf, kf, vf = (t.to(dtype) for t in (q, k, v))
     kf = kf.repeat_interleave(group, dim=1)
     vf = vf.repeat_interleave(group, dim=1)
-    mask = gist_mask(q.shape[2], k.shape[2], config, q_offset, device=q.device)
+    if k_positions is None:
+        mask = gist_mask(q.shape[2], k.shape[2], config, q_offset, device=q.device)
+    else:  # keys at arbitrary positions (a compressed cache)
+        q_pos = torch.arange(q_offset, q_offset + q.shape[2], device=q.device)
+        mask = gist_mask_from_positions(q_pos, k_positions.to(q.device), config)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

@@ -568,12 +568,11 @@ at::ScalarType acc_type_of(at::ScalarType st) { return st == at::kDouble ? at::k
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                          const at::Tensor& v_in, int64_t ratio,
-                                                          int64_t window, int64_t num_sink,
-                                                          double softmax_scale, int64_t q_offset) {
-  const char* where = "unigist::gist_attention_fwd";
-  check_attention_inputs(where, q_in, k_in, v_in, ratio, window, num_sink, q_offset);
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const char* where, const at::Tensor& q_in, const at::Tensor& k_in,
+                                           const at::Tensor& v_in, const GistLayout& l, const KeyLayout& kl,
+                                           double softmax_scale, int64_t q_offset) {
   check_softmax_scale(where, softmax_scale);
   check_cpu(where, q_in);
   const at::Tensor q = rows_readable(q_in), k = rows_readable(k_in), v = rows_readable(v_in);
@@ -583,19 +582,19 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cpu(const at::Tensor& q_in
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  const Geometry g = make_geometry(GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0}, k.size(2));
+  const Geometry g = make_geometry(l, kl, k.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_fwd_cpu", [&] {
     fwd_kernel<scalar_t>(q, k, v, out, lse, g, softmax_scale, q_offset);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t ratio, int64_t window, int64_t num_sink,
-    double softmax_scale, int64_t q_offset) {
-  const char* where = "unigist::gist_attention_bwd";
-  check_attention_inputs(where, q_in, k_in, v_in, ratio, window, num_sink, q_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const char* where, const at::Tensor& dout_in,
+                                                       const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, const at::Tensor& out_in,
+                                                       const at::Tensor& lse_in, const GistLayout& l,
+                                                       const KeyLayout& kl, double softmax_scale,
+                                                       int64_t q_offset) {
   check_softmax_scale(where, softmax_scale);
   check_cpu(where, q_in);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), where,
@@ -606,8 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
   const auto lse_type = acc_type_of(q_in.scalar_type());
   TORCH_CHECK(lse_in.scalar_type() == lse_type && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
                   lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
-              where, ": lse must be ", lse_type == at::kDouble ? "float64" : "float32", " [B, Hq, Nq] (what gist_attention_fwd returns), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
+              where, ": lse must be ", lse_type == at::kDouble ? "float64" : "float32",
+              " [B, Hq, Nq] (what gist_attention_fwd returns), got ", lse_in.scalar_type(), " ", lse_in.sizes());
   TORCH_CHECK(dout_in.device() == q_in.device() && out_in.device() == q_in.device() &&
                   lse_in.device() == q_in.device(),
               where, ": all tensors must be on one device");
@@ -627,13 +626,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
   const auto acc_opts = q.options().dtype(acc_type_of(q.scalar_type()));
   at::Tensor dk_acc = at::zeros({B, Hkv, splits, Nk, D}, acc_opts);
   at::Tensor dv_acc = at::zeros({B, Hkv, splits, Nk, D}, acc_opts);
-  const Geometry g = make_geometry(GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0}, Nk);
+  const Geometry g = make_geometry(l, kl, Nk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_bwd_cpu", [&] {
     bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, splits, g, softmax_scale, q_offset);
   });
   at::Tensor dk = (splits == 1 ? dk_acc.squeeze(2) : dk_acc.sum(2)).to(k.scalar_type()).contiguous();
   at::Tensor dv = (splits == 1 ? dv_acc.squeeze(2) : dv_acc.sum(2)).to(v.scalar_type()).contiguous();
   return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, int64_t ratio, int64_t window,
+                                                          int64_t num_sink, double softmax_scale,
+                                                          int64_t q_offset) {
+  const char* where = "unigist::gist_attention_fwd";
+  check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
+  return fwd_cpu(where, q, k, v, GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0}, softmax_scale,
+                 q_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset) {
+  const char* where = "unigist::gist_attention_bwd";
+  check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
+  return bwd_cpu(where, dout, q, k, v, out, lse, GistLayout{ratio, window, num_sink}, KeyLayout{0, 0, 0, 0},
+                 softmax_scale, q_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,
+    int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
+    int64_t first_gist, int64_t tail_start) {
+  const char* where = "unigist::gist_attention_cache_fwd";
+  check_attention_tensors(where, q, k, v, ratio, window, num_sink);
+  check_key_layout(where, q, k, ratio, num_sink, q_offset, cache_sinks, cache_gists, first_gist, tail_start);
+  return fwd_cpu(where, q, k, v, GistLayout{ratio, window, num_sink},
+                 KeyLayout{cache_sinks, cache_gists, first_gist, tail_start}, softmax_scale, q_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset, int64_t cache_sinks, int64_t cache_gists, int64_t first_gist, int64_t tail_start) {
+  const char* where = "unigist::gist_attention_cache_bwd";
+  check_attention_tensors(where, q, k, v, ratio, window, num_sink);
+  check_key_layout(where, q, k, ratio, num_sink, q_offset, cache_sinks, cache_gists, first_gist, tail_start);
+  return bwd_cpu(where, dout, q, k, v, out, lse, GistLayout{ratio, window, num_sink},
+                 KeyLayout{cache_sinks, cache_gists, first_gist, tail_start}, softmax_scale, q_offset);
 }
 
 }  // namespace unigist

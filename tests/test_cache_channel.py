@@ -1,0 +1,83 @@
+"""Every prefill chunk and decode step on CPU runs unigist's kernel over the
+compressed cache (no SDPA, no dense mask); the GistCache hands its key layout to
+the attention function through an explicit channel, not tensor attributes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unigist
+from unigist import GistCache, GistConfig
+from unigist.generate import generate
+from unigist.hf import patch_model
+from unigist.layout import key_positions
+
+from _hf_models import VOCAB, dense_mask, reference_copy, tiny_model
+from conftest import rel_err
+
+
+def _full_logits(ref, seq, cfg):
+    n = seq.shape[0]
+    with torch.no_grad():
+        return ref(input_ids=seq[None], position_ids=torch.arange(n)[None], attention_mask=dense_mask(n, cfg)).logits[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_cpu_generation_runs_no_sdpa(family, seed, monkeypatch):
+    model = tiny_model(family, seed=seed % 1000)
+    cfg = patch_model(model, None, GistConfig(ratio=3, window=12, num_sink=3))
+    calls = {"cache": 0, "plain": 0}
+    real_cache, real_plain = torch.ops.unigist.gist_attention_cache_fwd, torch.ops.unigist.gist_attention_fwd
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("generation on CPU called scaled_dot_product_attention")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    monkeypatch.setattr(torch.ops.unigist, "gist_attention_cache_fwd",
+                        lambda *a: calls.__setitem__("cache", calls["cache"] + 1) or real_cache(*a), raising=False)
+    monkeypatch.setattr(torch.ops.unigist, "gist_attention_fwd",
+                        lambda *a: calls.__setitem__("plain", calls["plain"] + 1) or real_plain(*a), raising=False)
+    prompt = torch.randint(0, VOCAB, (90,))
+    res = generate(model, prompt, max_new_tokens=20, chunk_size=13, progress=False, output_logits=True,
+                   eos_token_id=[])
+    assert calls["cache"] > 0  # every chunk after the first eviction and every decode step
+    monkeypatch.undo()
+    full = _full_logits(reference_copy(model), res.sequence, cfg)
+    assert rel_err(res.logits, full) < 1e-5
+
+
+def test_manual_loop_with_gist_cache(seed):
+    """A user's own loop with past_key_values=GistCache (no unigist.generate): the cache
+    reaches the attention function by itself and the logits are those of the full
+    masked forward; key_layout() always describes the rows the layer holds."""
+    model = tiny_model("llama", seed=seed % 1000)
+    cfg = patch_model(model, None, GistConfig(ratio=2, window=10, num_sink=2))
+    seq = unigist.layout.insert_gists(torch.randint(0, VOCAB, (80,)), cfg)["input_ids"]
+    cache = GistCache(cfg, model_config=model.config, eviction="strict")
+    logits = []
+    with torch.no_grad():
+        for s in range(0, seq.shape[0], 9):
+            chunk = seq[s : s + 9]
+            kwargs = dict(input_ids=chunk[None], position_ids=torch.arange(s, s + chunk.shape[0])[None],
+                          past_key_values=cache, use_cache=True)
+            try:
+                out = model(**kwargs)
+            except RuntimeError as e:  # transformers < 5.24 does not hand the cache over
+                assert "gist_cache=cache" in str(e)
+                out = model(**kwargs, gist_cache=cache)
+            logits.append(out.logits[0])
+            for layer in cache.layers:
+                assert torch.equal(key_positions(layer.key_layout(), layer.length, cfg), layer.positions)
+    assert cache.cache_length() < seq.shape[0]  # eviction really happened
+    full = _full_logits(reference_copy(model), seq, cfg)
+    assert rel_err(torch.cat(logits), full) < 1e-5
+
+
+def test_attention_refuses_keys_not_from_the_cache(seed):
+    model = tiny_model("llama", seed=seed % 1000)
+    cfg = patch_model(model, None, GistConfig(ratio=2, window=10, num_sink=2))
+    cache = GistCache(cfg, model_config=model.config)
+    ids = unigist.layout.insert_gists(torch.randint(0, VOCAB, (20,)), cfg)["input_ids"]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="did not come from this cache"):
+        # keys of a plain forward (no cache update) handed with a GistCache: refused
+        model(input_ids=ids[None], gist_cache=cache)
