@@ -60,10 +60,15 @@ def test_manual_loop_with_gist_cache(seed):
             chunk = seq[s : s + 9]
             kwargs = dict(input_ids=chunk[None], position_ids=torch.arange(s, s + chunk.shape[0])[None],
                           past_key_values=cache, use_cache=True)
+            if cache.explicit_layout:
+                kwargs["gist_cache"] = cache
             try:
                 out = model(**kwargs)
-            except RuntimeError as e:  # transformers < 5.24 does not hand the cache over
+            except RuntimeError as e:
+                # transformers < 5.24 does not hand the cache to attention: refused before
+                # anything is appended (not silently wrong); the explicit kwarg then works.
                 assert "gist_cache=cache" in str(e)
+                cache.explicit_layout = True
                 out = model(**kwargs, gist_cache=cache)
             logits.append(out.logits[0])
             for layer in cache.layers:
@@ -81,3 +86,17 @@ def test_attention_refuses_keys_not_from_the_cache(seed):
     with torch.no_grad(), pytest.raises(RuntimeError, match="did not come from this cache"):
         # keys of a plain forward (no cache update) handed with a GistCache: refused
         model(input_ids=ids[None], gist_cache=cache)
+
+
+def test_evicted_cache_refuses_updates_without_a_layout_channel():
+    """Without transformers' attention kwargs (older versions, or a direct update) and
+    without explicit_layout=True, an evicted cache refuses: nothing would tell the
+    attention where its keys sit."""
+    cfg = GistConfig(ratio=2, window=4, num_sink=1)
+    cache = GistCache(cfg, num_layers=1, eviction="strict")
+    cache.update(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), 0)  # nothing evicted yet
+    with pytest.raises(RuntimeError, match="gist_cache=cache"):
+        cache.update(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), 0)
+    attention_kwargs = {}
+    cache.update(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), 0, kwargs=attention_kwargs)
+    assert attention_kwargs["gist_cache"] is cache  # the channel transformers >= 5.24 offers

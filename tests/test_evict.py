@@ -91,7 +91,7 @@ def test_evict_nothing_and_everything():
 def test_evict_matches_gist_cache_arithmetic():
     """Streamed like generation does: the op's count equals the layout arithmetic."""
     cfg = GistConfig(ratio=3, window=7, num_sink=3)
-    cache = GistCache(cfg, num_layers=1, eviction="strict")
+    cache = GistCache(cfg, num_layers=1, eviction="strict", explicit_layout=True)  # no model: no attention
     seen = 0
     for n in [5, 1, 1, 9, 2, 1, 30, 1, 1, 1]:
         cache.update(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4), 0)

@@ -69,7 +69,8 @@ class GistCacheLayer(CacheLayerMixin):
         self.peak_length = 0
         self.peak_capacity = 0
         self.all_visible = False
-        self.layout_unread = False  # evicted rows the attention function has not been told about
+        # Set by GistCache.update for a model call that cannot hand the layout to attention.
+        self.require_layout_channel = False
         self._k = self._v = self._pos = None
 
     # ----------------------------------------------------------------- buffers
@@ -146,6 +147,13 @@ class GistCacheLayer(CacheLayerMixin):
         # always ("strict"), or when keeping them would break the bound ("lazy").
         if self.eviction == "strict" or self.length > self.bound(start):
             self.evict(start)
+        if self.require_layout_channel and not self.key_layout().is_interleaved:
+            raise RuntimeError(
+                "unigist: this GistCache has evicted rows, but the model's attention would not be told where its "
+                "keys sit (transformers < 5.24 does not hand the cache to the attention function) and would "
+                "silently take them for the uncompressed sequence. Use unigist.generate, or pass "
+                "gist_cache=cache to every model call and build the cache with GistCache(..., explicit_layout=True)"
+            )
         all_visible = self.expected_length_after_evict(start) == self.length
         need = self.length + n
         if need > self.capacity:
@@ -244,6 +252,13 @@ class GistCache(Cache):
         capacity: rows to preallocate per layer (``unigist.generate`` passes the
             exact bound so buffers never grow); buffers grow by 25% when needed.
         eviction: ``"lazy"`` (default) or ``"strict"``, see the module docstring.
+        explicit_layout: the caller hands the cache's key layout to attention itself:
+            it passes ``gist_cache=cache`` to every model call (as :func:`unigist.generate`
+            does) or uses the cache without a model and reads :meth:`GistCacheLayer.key_layout`.
+            Without it, an evicted cache refuses updates that do not come with
+            transformers' (>= 5.24) attention kwargs, where it puts itself for the attention
+            function: older versions would otherwise take the evicted keys for the
+            uncompressed sequence, silently.
 
     Memory: :meth:`memory_bytes` / :meth:`peak_memory_bytes` count the valid
     entries (keys + values, all layers); :meth:`allocated_bytes` counts the
@@ -258,9 +273,11 @@ class GistCache(Cache):
         model_config=None,
         capacity: Optional[int] = None,
         eviction: str = "lazy",
+        explicit_layout: bool = False,
     ):
         if not isinstance(config, GistConfig):
             raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
+        self.explicit_layout = bool(explicit_layout)
         if num_layers is None and model_config is not None:
             text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
             num_layers = text_config.num_hidden_layers
@@ -274,27 +291,19 @@ class GistCache(Cache):
             super().__init__(layer_class_to_replicate=functools.partial(GistCacheLayer, config, capacity, eviction))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx < len(self.layers) and self.layers[layer_idx].layout_unread:
-            raise RuntimeError(
-                "unigist: the last forward's attention never read this GistCache's key layout, so it took the "
-                "evicted cache for the uncompressed sequence (wrong outputs). transformers < 5.24 does not hand "
-                "the cache to the attention function: use unigist.generate, or pass gist_cache=cache to the "
-                "model call with past_key_values=cache"
-            )
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         # The attention function needs this cache to know where the keys sit (their
         # positions after eviction). transformers (>= 5.24) hands the attention
         # module's kwargs to the cache update and then on to the attention function:
-        # put the cache there. unigist.generate also passes gist_cache=cache itself.
-        attention_kwargs = kwargs.get("kwargs")
-        if isinstance(attention_kwargs, dict):
-            attention_kwargs["gist_cache"] = self
-        elif args:
-            # An older transformers' attention module (it passes cache_kwargs
-            # positionally): unless gist_cache=cache was given to the model, its
-            # attention will not read the layout; the next update says so.
-            layer = self.layers[layer_idx]
-            layer.layout_unread = not layer.key_layout().is_interleaved
+        # the cache puts itself there. Older versions do not; then the model call must
+        # carry gist_cache=cache (unigist.generate does, and says so with
+        # explicit_layout=True), or an evicted layer refuses the update.
+        explicit_layouts = kwargs.get("kwargs")
+        channel = isinstance(explicit_layouts, dict)
+        if layer_idx < len(self.layers):
+            self.layers[layer_idx].require_layout_channel = not channel and not self.explicit_layout
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if channel:
+            explicit_layouts["gist_cache"] = self
         if layer_idx == len(self.layers) - 1:  # every layer has appended: the forward's peak
             self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
         return keys, values
@@ -303,7 +312,6 @@ class GistCache(Cache):
         """``(key_layout, q_offset)`` of layer ``layer_idx``'s keys for the chunk of
         ``num_queries`` queries just appended (what the attention function needs)."""
         layer = self.layers[layer_idx]
-        layer.layout_unread = False
         if num_keys != layer.length or num_queries > layer.length:
             raise RuntimeError(
                 f"unigist: attention got {num_keys} keys and {num_queries} queries but GistCache layer {layer_idx} "

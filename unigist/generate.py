@@ -223,7 +223,7 @@ def generate(
     total = n_prompt + interleaved_length(max_new_tokens, r) + 1
     step = max(chunk_size, 2)
     capacity = min(total, gcfg.max_cache_len(total) + step)
-    cache = GistCache(gcfg, model_config=model.config, capacity=capacity, eviction=eviction)
+    cache = GistCache(gcfg, model_config=model.config, capacity=capacity, eviction=eviction, explicit_layout=True)
     keep_kw = _supports_logits_to_keep(model)
     eos = _eos_ids(model, tokenizer, eos_token_id)
     was_training = model.training
