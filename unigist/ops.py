@@ -211,9 +211,8 @@ def gist_attention(
             q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset
         )
     else:
-        where = "unigist.gist_attention"
-        check_attention_inputs(q, k, v, q_offset, softmax_scale=softmax_scale, where=where, keys_cover=False)
-        check_key_layout(where, q, k, q_offset, key_layout, config.ratio, config.num_sink)
+        _check_cache_call("unigist.gist_attention", q, k, v, config.ratio, config.window, config.num_sink,
+                          softmax_scale, q_offset, key_layout)
         if q.device.type == "cuda":
             raise NotImplementedError(
                 "unigist.gist_attention: the compressed-cache key layout has CPU kernels only so far; "
@@ -224,6 +223,15 @@ def gist_attention(
             q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset, *key_layout
         )
     return (out, lse) if return_lse else out
+
+
+def _check_cache_call(where, q, k, v, ratio, window, num_sink, softmax_scale, q_offset, key_layout) -> None:
+    """The checks of a compressed-cache call (wrapper and fakes alike)."""
+    check_attention_inputs(
+        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
+        keys_cover=False,
+    )
+    check_key_layout(where, q, k, q_offset, key_layout, ratio, num_sink)
 
 
 def check_key_layout(where: str, q, k, q_offset, key_layout: KeyLayout, ratio, num_sink) -> None:
@@ -323,13 +331,9 @@ torch.library.register_autograd("unigist::gist_attention_bwd", _bwd_backward, se
 def _cache_fwd_fake(
     q, k, v, ratio, window, num_sink, softmax_scale, q_offset, cache_sinks, cache_gists, first_gist, tail_start
 ):
-    key_layout = (cache_sinks, cache_gists, first_gist, tail_start)
-    where = "unigist::gist_attention_cache_fwd"
-    check_attention_inputs(
-        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
-        keys_cover=False,
-    )
-    check_key_layout(where, q, k, q_offset, KeyLayout(*key_layout), ratio, num_sink)
+    key_layout = KeyLayout(cache_sinks, cache_gists, first_gist, tail_start)
+    _check_cache_call("unigist::gist_attention_cache_fwd", q, k, v, ratio, window, num_sink, softmax_scale,
+                      q_offset, key_layout)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
 
 
@@ -338,13 +342,9 @@ def _cache_bwd_fake(
     dout, q, k, v, out, lse, ratio, window, num_sink, softmax_scale, q_offset, cache_sinks, cache_gists, first_gist,
     tail_start,
 ):
-    key_layout = (cache_sinks, cache_gists, first_gist, tail_start)
+    key_layout = KeyLayout(cache_sinks, cache_gists, first_gist, tail_start)
     where = "unigist::gist_attention_cache_bwd"
-    check_attention_inputs(
-        q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
-        keys_cover=False,
-    )
-    check_key_layout(where, q, k, q_offset, KeyLayout(*key_layout), ratio, num_sink)
+    _check_cache_call(where, q, k, v, ratio, window, num_sink, softmax_scale, q_offset, key_layout)
     _check_bwd_extras(where, dout, q, out, lse)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
