@@ -48,14 +48,6 @@ using layout::KeyLayout;
 #endif
 constexpr int64_t kBlockQ = UNIGIST_CPU_BQ;
 constexpr int64_t kBlockK = UNIGIST_CPU_BK;
-// The far gists need no mask and every query block reads the same ones (hot
-// in cache): longer blocks there mean fewer GEMM calls and output rescales.
-#ifndef UNIGIST_CPU_BK_FAR
-#define UNIGIST_CPU_BK_FAR 256
-#endif
-constexpr int64_t kBlockKFar = UNIGIST_CPU_BK_FAR;
-// Row stride of the per-thread score blocks: the longest key block.
-constexpr int64_t kBlockKMax = kBlockK > kBlockKFar ? kBlockK : kBlockKFar;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -172,8 +164,8 @@ void for_each_key_block(int64_t q_lo, int64_t q_hi, const Geometry& g, Fn&& fn) 
   // Far gists of the tail: seen by every query of the block, no mask.
   const int64_t g_begin = layout::gists_before(sink_end, l);
   const int64_t g_end = std::max(g_begin, layout::gists_before(local_lo, l));
-  for (int64_t gi = g_begin; gi < g_end; gi += kBlockKFar) {
-    const int64_t n = std::min(kBlockKFar, g_end - gi);
+  for (int64_t gi = g_begin; gi < g_end; gi += kBlockK) {
+    const int64_t n = std::min(kBlockK, g_end - gi);
     fn(KeyBlock{g.tail_row + layout::gist_position(gi, l) - t0, l.ratio + 1, n, gi - g.tail_gist0, true,
                 layout::gist_position(gi, l), false});
   }
@@ -316,7 +308,6 @@ struct HeadKV {
     }
   }
 
-  int64_t bh_of(int64_t b, int64_t h, int64_t Hkv) const { return b * Hkv + h; }
   // K^T (or Kg^T) columns of a key block, with their leading dimension.
   const ct* kt_cols(int64_t bh, const KeyBlock& kb, int64_t& ld) const {
     ld = kb.packed_gist ? ld_kgt : ld_kt;
@@ -368,9 +359,9 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlockQ * kBlockKMax), o_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ),
+    std::vector<acc_t> s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ),
         q_buf(kBlockQ * D);
-    std::vector<uint8_t> keep_far(kBlockKMax);
+    std::vector<uint8_t> keep_far(kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
       const int64_t b = bh / Hq, h = bh % Hq, hk = h / group, bhk = b * Hkv + hk;
@@ -388,13 +379,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
         const int64_t n = kb.n;
         int64_t ldkt = 0, ldv = 0;
         const acc_t* ktp = kv.kt_cols(bhk, kb, ldkt);
-        gemm(nq, n, D, qp, ldq, ktp, ldkt, s, kBlockKMax, /*add=*/false);
+        gemm(nq, n, D, qp, ldq, ktp, ldkt, s, kBlockK, /*add=*/false);
         if (kb.masked) {
           far_visible(kb.pos, n, g.l, keep_far.data());
-          mask_scores(s, kBlockKMax, nq, n, q_lo, kb.pos, g.l, keep_far.data());
+          mask_scores(s, kBlockK, nq, n, q_lo, kb.pos, g.l, keep_far.data());
         }
         for (int64_t c = 0; c < nq; ++c) {
-          acc_t* row = s + c * kBlockKMax;
+          acc_t* row = s + c * kBlockK;
           // Scale and row max in one pass.
           const acc_t row_max = at::vec::map_reduce_all<acc_t>(
               [sc](Vec x) { return x * Vec(sc); }, [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, n);
@@ -428,7 +419,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
           }
         }
         const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
-        gemm(nq, D, n, s, kBlockKMax, vp, ldv, o, D, /*add=*/true);
+        gemm(nq, D, n, s, kBlockK, vp, ldv, o, D, /*add=*/true);
       });
 
       scalar_t* orow0 = op + ((b * Hq + h) * Nq + t0) * D;
@@ -470,12 +461,12 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const acc_t sc = static_cast<acc_t>(scale);
 
   at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
-    // Row-major blocks: S^T / P^T / dP^T / dS^T [kBlockKMax, kBlockQ]; Q^T, dO^T,
+    // Row-major blocks: S^T / P^T / dP^T / dS^T [kBlockK, kBlockQ]; Q^T, dO^T,
     // dQ^T [D, kBlockQ]; Q and dO rows [kBlockQ, D] when widened.
-    std::vector<acc_t> st(kBlockKMax * kBlockQ), dpt(kBlockKMax * kBlockQ), dqt(D * kBlockQ), qt(D * kBlockQ),
+    std::vector<acc_t> st(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), dqt(D * kBlockQ), qt(D * kBlockQ),
         dot(D * kBlockQ), q_buf(kBlockQ * D), do_buf(kBlockQ * D);
     std::vector<acc_t> lse_blk(kBlockQ), delta(kBlockQ);
-    std::vector<uint8_t> keep_far(kBlockKMax);
+    std::vector<uint8_t> keep_far(kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, bhk = task / splits;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
