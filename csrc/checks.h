@@ -10,6 +10,17 @@
 
 namespace unigist {
 
+// Which inputs the CUDA kernels take: the one table (Python reads it through the
+// kernel_supports op; the CPU kernels take every float dtype and head dim).
+inline bool cuda_kernels_take(at::ScalarType dtype, int64_t head_dim) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && (head_dim == 64 || head_dim == 128);
+}
+
+inline bool cpu_kernels_take(at::ScalarType dtype, int64_t head_dim) {
+  return (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+         head_dim >= 1;
+}
+
 inline void check_layout_args(int64_t ratio, int64_t window, int64_t num_sink) {
   TORCH_CHECK_VALUE(ratio >= 1, "unigist: ratio must be >= 1, got ", ratio);
   TORCH_CHECK_VALUE(window >= 1, "unigist: window must be >= 1, got ", window);

@@ -38,7 +38,10 @@ struct GistLayout {
 
 UNIGIST_HD int64_t period(const GistLayout& l) { return l.ratio + 1; }
 
-UNIGIST_HD bool is_gist(int64_t pos, const GistLayout& l) {
+// Templated on the integer and layout types: the CUDA kernels' inner loops run
+// it in 32 bits on their clamped layout (Layout32), everything else in 64.
+template <typename I, typename Lay>
+UNIGIST_HD bool is_gist(I pos, const Lay& l) {
   return pos % (l.ratio + 1) == l.ratio;
 }
 
@@ -83,6 +86,23 @@ UNIGIST_HD TileVisit tile_visit(int64_t q_lo, int64_t q_hi, int64_t num_keys,
   const int64_t key_end = min64(q_hi + 1, num_keys);
   t.sink_end = min64(l.num_sink, key_end);
   // Below local_lo no query of the tile has the key inside its window.
+  t.local_lo = min64(max64(t.sink_end, q_lo - l.window + 1), key_end);
+  t.local_hi = key_end;
+  t.gist_begin = gists_before(t.sink_end, l);
+  t.gist_end = max64(t.gist_begin, gists_before(t.local_lo, l));
+  return t;
+}
+
+// tile_visit over keys at positions [key_begin, key_stop) only: the tail of a
+// compressed cache (KeyLayout below), whose older sinks and gists the caller
+// visits as rows. The dense sink range is then [key_begin, sink_end), empty
+// when sink_end == key_begin; key_begin = 0 gives tile_visit. The queries must
+// sit at or after key_begin (they lie inside the tail).
+UNIGIST_HD TileVisit tile_visit_from(int64_t q_lo, int64_t q_hi, int64_t key_begin, int64_t key_stop,
+                                     const GistLayout& l) {
+  TileVisit t;
+  const int64_t key_end = max64(key_begin, min64(q_hi + 1, key_stop));
+  t.sink_end = max64(key_begin, min64(l.num_sink, key_end));
   t.local_lo = min64(max64(t.sink_end, q_lo - l.window + 1), key_end);
   t.local_hi = key_end;
   t.gist_begin = gists_before(t.sink_end, l);
@@ -157,7 +177,7 @@ UNIGIST_HD bool dkdv_tile_all_in(int64_t k_first, int64_t k_last, bool gist_part
 // layout types so that the CUDA kernels run it in 32 bits (Layout32).
 template <typename I, typename Lay>
 UNIGIST_HD I dkdv_key_last_query(I k, const Lay& l, I unbounded) {
-  return (k < l.num_sink || k % (l.ratio + 1) == l.ratio) ? unbounded : static_cast<I>(k + l.window - 1);
+  return (k < l.num_sink || is_gist(k, l)) ? unbounded : static_cast<I>(k + l.window - 1);
 }
 
 template <typename I, typename Lay>

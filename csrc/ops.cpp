@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "checks.h"
 #include "ops.h"
 
 // A Python module named unigist._C so `import unigist._C` loads the library
@@ -48,6 +49,16 @@ bool cpu_isa_runs_here() {
 #endif
 }
 
+// Whether unigist has a kernel for `device` ("cpu" / "cuda") taking these inputs
+// (for CUDA: whether this build has CUDA kernels, too).
+bool kernel_supports(const std::string& device, at::ScalarType dtype, int64_t head_dim) {
+  if (device == "cpu") return unigist::cpu_kernels_take(dtype, head_dim);
+#ifdef UNIGIST_WITH_CUDA
+  if (device == "cuda") return unigist::cuda_kernels_take(dtype, head_dim);
+#endif
+  return false;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(unigist, m) {
@@ -59,7 +70,7 @@ TORCH_LIBRARY(unigist, m) {
       "Tensor lse, int ratio, int window, int num_sink, float softmax_scale, "
       "int q_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Keys in the compressed-cache layout [sinks | gists | contiguous tail]
-  // (csrc/layout.h KeyLayout); CPU kernels only so far.
+  // (csrc/layout.h KeyLayout); the backward has CPU kernels only.
   m.def(
       "gist_attention_cache_fwd(Tensor q, Tensor k, Tensor v, int ratio, int window, int num_sink, "
       "float softmax_scale, int q_offset, int cache_sinks, int cache_gists, int first_gist, int tail_start) "
@@ -70,6 +81,7 @@ TORCH_LIBRARY(unigist, m) {
       "int first_gist, int tail_start) -> (Tensor dq, Tensor dk, Tensor dv)");
   // 90 or 80: the CUDA forward kernel in use for q's device; 0 on CPU.
   m.def("gist_attention_fwd_arch(Tensor q) -> int");
+  m.def("kernel_supports(str device, ScalarType dtype, int head_dim) -> bool", &kernel_supports);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_isa_runs_here() -> bool", &cpu_isa_runs_here);
   m.def(
@@ -90,6 +102,8 @@ TORCH_LIBRARY_IMPL(unigist, CPU, m) {
 TORCH_LIBRARY_IMPL(unigist, CUDA, m) {
   m.impl("gist_attention_fwd", &unigist::gist_attention_fwd_cuda);
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cuda);
+  m.impl("gist_attention_cache_fwd", &unigist::gist_attention_cache_fwd_cuda);
+  m.impl("gist_attention_cache_bwd", &unigist::gist_attention_cache_bwd_cuda);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cuda>);
   m.impl("gist_attention_fwd_arch", &unigist::gist_attention_fwd_arch_cuda);
 }

@@ -25,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cpu(
 
 // The same over keys in a compressed-cache layout (layout::KeyLayout): rows
 // [cache_sinks | cache_gists gists from first_gist | tail from tail_start];
-// queries at q_offset.. inside the tail. CPU only for now: on CUDA the
-// compressed cache still runs SDPA with a mask (hf.py).
+// queries at q_offset.. inside the tail. CUDA has the forward only (inference);
+// its backward raises NotImplementedError.
 std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,
     int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
@@ -56,6 +56,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
     int64_t q_offset);
+
+// csrc/cuda/attention_cache_fwd.cu: q/k/v read in place through their strides;
+// split-KV when few CTAs would run (decoding).
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,
+    int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
+    int64_t first_gist, int64_t tail_start);
+
+// Raises NotImplementedError (a clear message rather than the dispatcher's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
+    int64_t q_offset, int64_t cache_sinks, int64_t cache_gists, int64_t first_gist, int64_t tail_start);
 
 // Which forward kernel gist_attention_fwd runs for q's device right now: 90
 // (wgmma, sm_90a) or 80 (mma.sync); see UNIGIST_FORCE_SM80.

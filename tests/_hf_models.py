@@ -4,13 +4,23 @@ import copy
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import unigist
@@ -20,12 +30,20 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+# Families patch_model refuses (attention-logit softcapping; a fused qkv_proj).
+REFUSED_FAMILIES = {
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
 VOCAB = 97
 
 
 def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, **overrides):
-    cfg_cls, model_cls = FAMILIES[family]
+    cfg_cls, model_cls = FAMILIES[family] if family in FAMILIES else REFUSED_FAMILIES[family]
     kw = dict(
         vocab_size=vocab,
         hidden_size=64,
@@ -38,6 +56,14 @@ def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, **overrides):
     )
     if family == "mistral":
         kw["sliding_window"] = None
+    if family in ("gemma3_text", "gemma2"):
+        # Gemma's head_dim is not hidden / heads; one local and one global layer, whose
+        # window (64) is at least every test's GistConfig.window (the gist mask replaces it).
+        kw.update(head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    if family == "phi3":
+        kw.update(sliding_window=None)
+    if family in ("olmo2", "phi3"):
+        kw.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # their defaults lie outside VOCAB
     kw.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw)).float().eval()

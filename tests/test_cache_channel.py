@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import unigist
 from unigist import GistCache, GistConfig
-from unigist.generate import generate
+from unigist.generation import generate
 from unigist.hf import patch_model
 from unigist.layout import key_positions
 
@@ -100,3 +100,27 @@ def test_evicted_cache_refuses_updates_without_a_layout_channel():
     attention_kwargs = {}
     cache.update(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), 0, kwargs=attention_kwargs)
     assert attention_kwargs["gist_cache"] is cache  # the channel transformers >= 5.24 offers
+
+
+def test_production_paths_never_import_the_reference():
+    """unigist.reference is the tests' dense-mask oracle: importing unigist, patching a model,
+    training a step and generating must not load it (nor the layout depend on the config)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch, unigist
+from transformers import LlamaConfig, LlamaForCausalLM
+m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1))
+cfg = unigist.patch_model(m, None, unigist.GistConfig(ratio=2, window=4, num_sink=1))
+batch = unigist.GistCollator(cfg)([list(range(3, 20))])
+m(**batch).loss.backward()
+unigist.generate(m, list(range(3, 30)), max_new_tokens=3, chunk_size=8, progress=False)
+assert "unigist.reference" not in sys.modules, "reference imported"
+import unigist.layout as L
+assert "GistConfig" not in vars(L), "layout imports the config"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -11,11 +11,11 @@ from unigist import GistConfig
 from unigist.cache import GistCache, evict_kv
 
 CONFIGS = [
-    GistConfig(ratio=1, window=1, num_sink=0),
+    GistConfig(ratio=1, window=2, num_sink=0),
     GistConfig(ratio=2, window=5, num_sink=3),
     GistConfig(ratio=4, window=16, num_sink=4),
     GistConfig(ratio=3, window=100, num_sink=0),
-    GistConfig(ratio=8, window=2, num_sink=50),
+    GistConfig(ratio=8, window=9, num_sink=50),
 ]
 
 

@@ -10,7 +10,7 @@ import torch
 import unigist
 from unigist import GistConfig
 from unigist.cache import GistCacheLayer
-from unigist.generate import generate
+from unigist.generation import generate
 from unigist.hf import patch_model
 
 from _hf_models import VOCAB, dense_mask, reference_copy, tiny_model, tiny_tokenizer
@@ -88,7 +88,9 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
             bound = min(seen, cfg.num_sink + seen // (cfg.ratio + 1) + cfg.window)
             assert length <= bound + n, (chunk, seen, n, length, bound)
         kv = res.kv
-        assert kv["cache_length"] <= kv["max_allowed_length"] == min(
+        # the bound plus the last forward's rows (a token and maybe a gist)
+        assert kv["cache_length"] <= kv["max_allowed_length"] + 2
+        assert kv["max_allowed_length"] == min(
             kv["seen_tokens"], cfg.num_sink + kv["seen_tokens"] // (cfg.ratio + 1) + cfg.window
         )
         assert kv["seen_tokens"] == seq.shape[0]
@@ -108,11 +110,15 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
 def test_memory_stats_and_eviction_really_happen():
     model = tiny_model("llama")
     cfg = patch_model(model, None, GistConfig(ratio=4, window=16, num_sink=4))
-    res = generate(model, torch.randint(0, VOCAB, (400,)), max_new_tokens=10, chunk_size=50, progress=False)
+    res = generate(model, torch.randint(0, VOCAB, (400,)), max_new_tokens=10, chunk_size=50, progress=False,
+                   eviction="strict")
     kv = res.kv
     n = kv["seen_tokens"]
-    # sinks + gists + window, evicted for the next query at position n
-    assert kv["cache_length"] == sum(1 for p in range(n) if p < 4 or p % 5 == 4 or n - p < 16)
+    # The last forward fed the sampled token (and a gist when one closed its group) at `start`;
+    # strict eviction had left only sinks + gists + window as seen from `start`.
+    start = n - 2 if cfg.is_gist(n - 1) else n - 1
+    visible = sum(1 for p in range(start) if p < 4 or p % 5 == 4 or start - p < 16)
+    assert kv["cache_length"] == visible + (n - start)
     row = 2 * 1 * 2 * 16 * 4  # k+v, batch 1, 2 kv heads, head_dim 16, float32
     assert kv["kv_bytes"] == 2 * kv["cache_length"] * row  # 2 layers
     assert kv["full_cache_bytes"] == 2 * n * row
@@ -168,10 +174,136 @@ def test_generate_errors():
         generate(model, torch.tensor([1, 2, 3]), chunk_size=0, progress=False)
     with pytest.raises(ValueError, match="differs"):
         generate(model, torch.tensor([1, 2, 3]), config=cfg.replace(window=9), progress=False)
-    with pytest.raises(ValueError, match="one sequence"):
-        generate(model, torch.ones(2, 3, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, "text without tokenizer", progress=False)
+    ids = torch.tensor([5, 6, 7])
+    for bad in (2.0, "3", -1, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            generate(model, ids, max_new_tokens=bad, progress=False)
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(model, ids.float(), progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, ids, do_sample=True, temperature=0.0, progress=False)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, ids, do_sample=True, top_p=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="gist token id"):
+        generate(model, torch.tensor([5, cfg.gist_token_id, 7]), progress=False)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        generate(model, ids, stop_strings=["x"], progress=False)
+    with pytest.raises(ValueError, match="streamer"):
+        generate(model, [[5, 6], [7]], streamer=lambda t, s: None, progress=False)
+
+
+def test_batch_of_prompts_equals_each_prompt_alone():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    cfg = patch_model(model, tok, GistConfig(ratio=2, window=8, num_sink=2))
+    prompts = ["the cat sat on the mat", "a dog ran far and then slept under the tree", "the sun"]
+    batch = generate(model, tok, prompts, max_new_tokens=6, progress=False, eos_token_id=[])
+    assert isinstance(batch, list) and len(batch) == 3
+    for p, res in zip(prompts, batch):
+        alone = generate(model, tok, p, max_new_tokens=6, progress=False, eos_token_id=[])
+        assert res.ids == alone.ids and res.text == alone.text
+    # id lists (different lengths) and a [B, L] tensor without a tokenizer
+    id_prompts = [torch.randint(4, cfg.gist_token_id, (n,)).tolist() for n in (9, 4)]
+    out = generate(model, id_prompts, max_new_tokens=5, progress=False, eos_token_id=[])
+    assert [r.ids for r in out] == [generate(model, p, max_new_tokens=5, progress=False, eos_token_id=[]).ids
+                                    for p in id_prompts]
+    # one forward per decoding step for the whole batch (plus one prefill forward per prompt),
+    # each row at its own positions; logits as each prompt's alone, both label conventions
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        out = generate(model, id_prompts, max_new_tokens=7, chunk_size=None, progress=False, eos_token_id=[],
+                       output_logits=True)
+    finally:
+        hook.remove()
+    decode_steps = max(r.sequence.shape[0] - unigist.layout.interleaved_length(len(p), cfg)
+                       for r, p in zip(out, id_prompts))
+    assert len(calls) == len(id_prompts) + decode_steps
+    for p, r in zip(id_prompts, out):
+        alone = generate(model, p, max_new_tokens=7, progress=False, eos_token_id=[], output_logits=True)
+        assert r.ids == alone.ids and torch.equal(r.sequence, alone.sequence)
+        assert rel_err(r.logits, alone.logits) < 1e-5
+    rows = torch.randint(4, cfg.gist_token_id, (2, 7))
+    assert [r.ids for r in generate(model, rows, max_new_tokens=3, progress=False, eos_token_id=[])] == [
+        generate(model, rows[i], max_new_tokens=3, progress=False, eos_token_id=[]).ids for i in range(2)]
+
+
+def test_generation_config_and_transformers_processors():
+    from transformers import GenerationConfig
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    cfg = patch_model(model, tok, GistConfig(ratio=2, window=8, num_sink=2))
+    prompt = "the cat sat on the mat and the dog ran far"
+    greedy = generate(model, tok, prompt, max_new_tokens=10, progress=False, eos_token_id=[])
+    # the model's own generation config is read: its max_new_tokens and eos ids
+    model.generation_config = GenerationConfig(max_new_tokens=4, eos_token_id=[])
+    assert generate(model, tok, prompt, progress=False).ids == greedy.ids[:4]
+    eos = greedy.ids[3]
+    model.generation_config = GenerationConfig(max_new_tokens=10, eos_token_id=eos)
+    assert generate(model, tok, prompt, progress=False).ids == greedy.ids[: greedy.ids.index(eos) + 1]
+    # generation_config= overrides the model's; explicit arguments override both
+    gc = GenerationConfig(max_new_tokens=2, eos_token_id=[])
+    assert generate(model, tok, prompt, generation_config=gc, progress=False).ids == greedy.ids[:2]
+    assert generate(model, tok, prompt, generation_config=gc, max_new_tokens=3, progress=False).ids == greedy.ids[:3]
+    # repetition penalty: transformers' processor on the raw ids (prompt + new tokens, no gists)
+    from transformers.generation import RepetitionPenaltyLogitsProcessor
+
+    rep = generate(model, tok, prompt, max_new_tokens=10, repetition_penalty=1.5, progress=False, eos_token_id=[],
+                   output_logits=True)
+    assert rep.ids != greedy.ids and cfg.gist_token_id not in rep.ids
+    prompt_ids = tok(prompt)["input_ids"]
+    n = rep.sequence.shape[0]
+    raw_pos = (~unigist.layout.is_gist(torch.arange(n + 1), cfg)).nonzero().flatten()[len(prompt_ids):]
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)
+    for i, tok_id in enumerate(rep.ids):  # each token: argmax of the penalised logits of the raw history
+        history = torch.tensor([prompt_ids + rep.ids[:i]])
+        scores = penalty(history, rep.logits[raw_pos[i] - 1][None].clone())
+        scores[0, cfg.gist_token_id] = float("-inf")
+        assert int(scores.argmax()) == tok_id, i
+    # min_p / top_k sampling: reproducible with a generator, top_k=1 is greedy
+    s1 = generate(model, tok, prompt, max_new_tokens=8, do_sample=True, min_p=0.05, progress=False,
+                  generator=torch.Generator().manual_seed(3), eos_token_id=[])
+    s2 = generate(model, tok, prompt, max_new_tokens=8, do_sample=True, min_p=0.05, progress=False,
+                  generator=torch.Generator().manual_seed(3), eos_token_id=[])
+    assert s1.ids == s2.ids
+    assert generate(model, tok, prompt, max_new_tokens=8, do_sample=True, top_k=1, progress=False,
+                    eos_token_id=[]).ids == greedy.ids[:8]
+
+
+def test_temperature_without_sampling_warns():
+    """transformers' GenerationConfig.validate runs on the merged config and says, through its
+    logger, that a temperature without do_sample is ignored."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model("llama")
+    patch_model(model, None, GistConfig(ratio=2, window=8, num_sink=2))
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    hf_logger = hf_logging.get_logger("transformers")
+    hf_logging.warning_once.cache_clear()  # transformers says some things once per process
+    hf_logger.addHandler(handler)
+    try:
+        generate(model, torch.tensor([5, 6, 7]), max_new_tokens=2, temperature=0.7, progress=False)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert any("temperature" in m for m in said), said
+
+
+def test_decode_progress_bar(capsys):
+    model = tiny_model("llama")
+    patch_model(model, None, GistConfig(ratio=2, window=8, num_sink=2))
+    generate(model, torch.tensor([5, 6, 7, 8]), max_new_tokens=5, decode_progress=True, progress=False,
+             eos_token_id=[])
+    assert "unigist decode" in capsys.readouterr().err
+    res = generate(model, torch.tensor([5, 6, 7, 8]), max_new_tokens=5, chunk_size=None, progress=False,
+                   eos_token_id=[])
+    assert len(res.ids) == 5 and "unigist" not in capsys.readouterr().err
 
 
 @pytest.mark.cuda
@@ -214,3 +346,77 @@ def test_lazy_eviction_calls_the_op_less_often_with_the_same_logits(monkeypatch)
     assert out["lazy_calls"] < out["strict_calls"] / 3
     assert out["lazy"].ids == out["strict"].ids
     assert rel_err(out["lazy"].logits, out["strict"].logits) < 1e-5
+
+
+@pytest.mark.parametrize("context", [96, 98])  # the prompt ends with a gist (96 = 24 groups of 4) or not
+def test_gist_memory_only_convention_generates_exactly(context, seed):
+    """GistConfig(gist_predicts_next=False): training labels skip the gist (the raw token before
+    it predicts the raw token after it) and generation reads the next token off that raw token;
+    compressed generation still equals the full masked forward, for any chunk size."""
+    model = tiny_model("llama", seed=seed % 1000)
+    cfg = patch_model(model, None, GistConfig(ratio=4, window=12, num_sink=2, gist_predicts_next=False))
+    ref = reference_copy(model)
+    prompt = torch.randint(0, VOCAB, (context,))
+    ids = {}
+    for chunk in (1, 9, 500):
+        res = generate(model, prompt, max_new_tokens=20, chunk_size=chunk, progress=False, output_logits=True,
+                       eos_token_id=[])
+        seq = res.sequence
+        full = full_reference_logits(ref, seq, cfg)
+        assert rel_err(res.logits, full) < 1e-5
+        scores = full.clone()
+        scores[:, cfg.gist_token_id] = float("-inf")
+        raw_pos = (~unigist.layout.is_gist(torch.arange(seq.shape[0] + 1), cfg)).nonzero().flatten()[context:]
+        pred_pos = raw_pos - 1
+        pred_pos = torch.where(unigist.layout.is_gist(pred_pos, cfg), pred_pos - 1, pred_pos)  # skip the gist
+        assert scores[pred_pos].argmax(-1).tolist() == res.ids
+        ids[chunk] = res.ids
+    assert ids[1] == ids[9] == ids[500]
+    # and the labels train exactly those predictions: slot p's label is what position p - 1 predicts
+    labels = unigist.layout.insert_gists(prompt, cfg)["labels"]
+    trained = (labels[1:] != -100).nonzero().flatten()  # positions whose output is trained
+    assert not unigist.layout.is_gist(trained, cfg).any()
+    assert labels[1:][trained].tolist() == prompt[1:].tolist()
+
+
+def _byte_level_tokenizer():
+    """A small byte-level BPE tokenizer trained here (transformers' stop-string matching
+    needs a tokenizer that can spell any string, which the word-level test tokenizer cannot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the cat sat on the mat and the dog ran far away"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>")
+
+
+def test_stop_strings_end_generation():
+    tok = _byte_level_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    patch_model(model, tok, GistConfig(ratio=2, window=8, num_sink=2))
+    prompt = "the cat sat on the mat"
+    greedy = generate(model, tok, prompt, max_new_tokens=12, progress=False, eos_token_id=[])
+    # stop at the first token whose text is a new, non-empty piece, once the output holds it
+    text = ""
+    for i, t in enumerate(greedy.ids):
+        piece = tok.decode(greedy.ids[: i + 1])[len(text):]
+        text += piece
+        if i >= 2 and piece.strip() and piece not in text[: -len(piece)]:
+            break
+    else:  # the model and tokenizer are seeded, so this does not happen
+        raise AssertionError(f"greedy output has no fresh text piece to stop at: {greedy.ids}")
+    stopped = generate(model, tok, prompt, max_new_tokens=12, stop_strings=[piece], progress=False, eos_token_id=[])
+    assert stopped.ids == greedy.ids[: i + 1], (piece, greedy.ids)
+
+
+def test_batch_with_gist_memory_only_convention():
+    model = tiny_model("mistral")
+    cfg = patch_model(model, None, GistConfig(ratio=3, window=10, num_sink=2, gist_predicts_next=False))
+    prompts = [torch.randint(0, cfg.gist_token_id, (n,)).tolist() for n in (30, 17, 24)]
+    out = generate(model, prompts, max_new_tokens=11, chunk_size=8, progress=False, eos_token_id=[])
+    for p, r in zip(prompts, out):
+        assert r.ids == generate(model, p, max_new_tokens=11, chunk_size=8, progress=False, eos_token_id=[]).ids

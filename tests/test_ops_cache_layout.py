@@ -36,7 +36,7 @@ def random_cache(cfg: GistConfig, rng: random.Random, max_seen: int = 160, max_c
 
 
 CONFIGS = [
-    GistConfig(ratio=1, window=1, num_sink=0),
+    GistConfig(ratio=1, window=2, num_sink=0),
     GistConfig(ratio=2, window=5, num_sink=3),
     GistConfig(ratio=4, window=16, num_sink=5),
     GistConfig(ratio=9, window=40, num_sink=0),
@@ -118,3 +118,37 @@ def test_cache_layout_refused(kl, q_offset, message):
         gist_attention(q, k, v, cfg, q_offset=q_offset, key_layout=kl)
     with pytest.raises(ValueError, match=message):
         torch.ops.unigist.gist_attention_cache_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, 0.3, q_offset, *kl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cfg", [GistConfig(ratio=1, window=300, num_sink=20), GistConfig(ratio=4, window=70, num_sink=3)],
+                         ids=["r1", "r4"])
+def test_few_query_decode_matches_reference(seed, cfg, dtype):
+    """Decoding shapes (1-3 queries per head over caches of a few thousand rows, several
+    key blocks, GQA): the few-query form of the forward (S^T = K Q^T over K in place,
+    all query heads of a kv head together), and the blocked form it replaces (one kv
+    head in total, so it is not taken) give the dense reference's output."""
+    rng = random.Random(seed)
+    for _ in range(4):
+        kl, nk, q_offset, nq = random_cache(cfg, rng, max_seen=3000, max_chunk=3)
+        hq, hkv = rng.choice([(8, 4), (8, 2), (4, 4), (6, 1)])
+        b = 2 if hkv == 1 else 1
+        d = rng.choice([16, 64])
+        q = torch.randn(b, hq, nq, d).to(dtype)
+        k = torch.randn(b, hkv, nk, d).to(dtype)
+        v = torch.randn(b, hkv, nk, d).to(dtype)
+        out, lse = gist_attention(q, k, v, cfg, q_offset=q_offset, key_layout=kl, return_lse=True)
+        kpos = key_positions(kl, nk, cfg)
+        ref, ref_lse = gist_attention_reference(q.double(), k.double(), v.double(), cfg, q_offset=q_offset,
+                                                k_positions=kpos, return_lse=True)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-10}[dtype]
+        assert out.dtype == dtype and out.is_contiguous()
+        assert rel_err(out, ref) < tol, (kl, nk, q_offset, nq, hq, hkv, seed)
+        assert torch.allclose(lse.double(), ref_lse, atol=max(tol, 1e-6) * 10)
+        # the blocked form: one batch row and one kv head at a time
+        blocked = torch.cat([
+            gist_attention(q[i : i + 1, h * (hq // hkv) : (h + 1) * (hq // hkv)], k[i : i + 1, h : h + 1],
+                           v[i : i + 1, h : h + 1], cfg, q_offset=q_offset, key_layout=kl)
+            for i in range(b) for h in range(hkv)
+        ], dim=1).reshape(b, hq, nq, d)
+        assert rel_err(blocked, ref) < tol

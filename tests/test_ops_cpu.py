@@ -16,11 +16,11 @@ from conftest import rel_err
 # and chunks of queries over a longer key sequence.
 SHAPES = [(1, 1, 0), (7, 7, 0), (37, 37, 0), (130, 130, 0), (16, 50, 34), (1, 90, 89), (25, 70, 40)]
 CONFIGS = [
-    GistConfig(ratio=1, window=1, num_sink=0),
+    GistConfig(ratio=1, window=2, num_sink=0),
     GistConfig(ratio=2, window=8, num_sink=3),
     GistConfig(ratio=4, window=16, num_sink=5),
     GistConfig(ratio=8, window=200, num_sink=0),
-    GistConfig(ratio=4, window=3, num_sink=40),
+    GistConfig(ratio=4, window=5, num_sink=40),
 ]
 HEADS = [(4, 4), (4, 2), (6, 1)]
 
@@ -111,11 +111,16 @@ def test_cost_follows_mask_nonzeros():
     assert density < 0.15
     q, k, v = _inputs(1, 1, 1, n, n, 32, torch.float32)
     best = {"sparse": math.inf, "causal": math.inf}
-    for _ in range(4):  # interleaved, so a busy machine slows both alike
-        for name, cfg in (("sparse", sparse), ("causal", causal)):
-            t = time.perf_counter()
-            gist_attention(q, k, v, cfg)
-            best[name] = min(best[name], time.perf_counter() - t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the time follows the work, not barrier waits on a busy machine
+    try:
+        for _ in range(6):  # interleaved, so a busy machine slows both alike; the best of each
+            for name, cfg in (("sparse", sparse), ("causal", causal)):
+                t = time.perf_counter()
+                gist_attention(q, k, v, cfg)
+                best[name] = min(best[name], time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     assert best["sparse"] < 0.5 * best["causal"], (best, density)
 
 

@@ -236,7 +236,7 @@ def test_float64_exact_at_large_logits(seed, cfg, shape):
 @pytest.mark.parametrize(
     "cfg,hkv,nq,off,layout",
     [
-        (GistConfig(ratio=1, window=1, num_sink=0), 2, 12, 0, "contiguous"),
+        (GistConfig(ratio=1, window=2, num_sink=0), 2, 12, 0, "contiguous"),
         (GistConfig(ratio=2, window=3, num_sink=1), 1, 12, 0, "transposed"),
         (GistConfig(ratio=3, window=5, num_sink=2), 2, 12, 0, "transposed"),
         (GistConfig(ratio=4, window=16, num_sink=3), 1, 12, 0, "contiguous"),

@@ -5,11 +5,11 @@ pass over that layout with a sparse mask, and at inference the raw tokens' KV
 entries are really removed from the cache.
 """
 
-from . import layout, reference
+from . import layout
 from .cache import GistCache
 from .config import GistConfig
 from .data import GistCollator, gist_batch
-from .generate import GenerationResult, generate  # the function shadows the module of the same name
+from .generation import GenerationResult, generate
 from .hf import patch_model, unpatch_model
 from .ops import evict_kv, gist_attention, has_cuda_kernels
 
@@ -31,3 +31,13 @@ __all__ = [
     "reference",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The dense-mask reference is the tests' oracle, not part of any production path:
+    # loaded only when asked for (``unigist.reference`` or ``import unigist.reference``).
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

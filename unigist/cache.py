@@ -21,7 +21,9 @@ being processed. Two eviction policies keep that bound:
   about ``window / (ratio + 1)`` entries of slack, so in decoding the op runs
   about once every ``window / ratio`` steps instead of every step; in between,
   the tail only starts earlier and the attention masks its few stale keys.
-  ``unigist.generate`` still evicts strictly after every prefill chunk.
+
+The cache alone decides when to evict (``unigist.generate`` never calls
+:meth:`GistCache.evict`; a caller may, to shrink an idle cache).
 
 After any eviction a layer holds ``[sinks | gists older than the tail | a
 contiguous tail]``; :meth:`GistCacheLayer.key_layout` gives that layout by
@@ -42,7 +44,7 @@ from .config import GistConfig
 from .layout import KeyLayout, is_gist, num_gists
 from .ops import evict_kv
 
-__all__ = ["evict_kv", "GistCache", "GistCacheLayer"]
+__all__ = ["evict_kv", "GistCache", "GistCacheLayer", "GistCacheRows"]
 
 
 class GistCacheLayer(CacheLayerMixin):
@@ -381,3 +383,41 @@ class GistCache(Cache):
             "allocated_bytes": self.allocated_bytes(),
             "full_cache_bytes": self.full_cache_bytes(),
         }
+
+
+class GistCacheRows:
+    """Rows of one batch that each keep their own :class:`GistCache`, attended in one forward.
+
+    Prompts of different lengths sit at different positions, so their compressed caches
+    have different layouts and cannot share one ``[B, H, N, D]`` buffer. ``unigist.generate``
+    decodes such rows together: it calls the model on ``[rows, 1]`` new tokens with
+    ``use_cache=False`` and ``gist_cache=GistCacheRows(...)``, and the attention function
+    hands each row's keys and values to that row's cache and attends over it
+    (:meth:`attend`), while everything else in the model runs batched.
+    """
+
+    def __init__(self, caches: list):
+        if not caches or not all(isinstance(c, GistCache) for c in caches):
+            raise TypeError("GistCacheRows takes a non-empty list of unigist.GistCache")
+        self.caches = list(caches)
+        self.active = list(range(len(self.caches)))  # which caches the batch rows are, in order
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.caches[i].get_seq_length() for i in self.active)
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Attention output ``[rows, Nq, Hq, D]``: row ``b`` appends its new keys/values to
+        ``caches[active[b]]`` and attends over that cache (``unigist.hf`` attention)."""
+        from .hf import unigist_attention_forward
+
+        if query.shape[0] != len(self.active):
+            raise RuntimeError(
+                f"unigist: the batch has {query.shape[0]} rows but GistCacheRows has {len(self.active)} active caches"
+            )
+        outs = []
+        for b, i in enumerate(self.active):
+            cache = self.caches[i]
+            k, v = cache.update(key[b : b + 1], value[b : b + 1], module.layer_idx)
+            out, _ = unigist_attention_forward(module, query[b : b + 1], k, v, None, gist_cache=cache, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, dim=0)

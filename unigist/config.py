@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import layout
+
 __all__ = ["GistConfig"]
 
 
@@ -17,10 +19,17 @@ class GistConfig:
         ratio: raw tokens per gist token; after every ``ratio`` raw tokens one
             gist token is inserted.
         window: local window, in interleaved positions: a query at position
-            ``i`` sees every key ``j`` with ``i - j < window``.
+            ``i`` sees every key ``j`` with ``i - j < window``. Must be > ``ratio``
+            (a gist must see its whole group).
         num_sink: leading interleaved positions that every query sees.
         gist_token: text of the special gist token added to a tokenizer.
         gist_token_id: its id, once known (set by :func:`unigist.patch_model`).
+        gist_predicts_next: which output predicts the raw token that follows a gist.
+            True: the gist's own output (the gist closes its group and reads the next
+            token off it). False: the raw token before the gist predicts it and the gist
+            is memory only (no label, its logits never read). Training labels
+            (:func:`unigist.layout.insert_gists`, :class:`unigist.GistCollator`) and
+            :func:`unigist.generate` both follow it.
 
     The mask over the interleaved sequence (query ``i``, key ``j``) is
     ``j <= i and (j < num_sink or is_gist(j) or i - j < window)``.
@@ -31,6 +40,7 @@ class GistConfig:
     num_sink: int = 128
     gist_token: str = "<|gist|>"
     gist_token_id: Optional[int] = None
+    gist_predicts_next: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("ratio", 1), ("window", 1), ("num_sink", 0)):
@@ -39,6 +49,16 @@ class GistConfig:
                 raise TypeError(f"GistConfig.{name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"GistConfig.{name} must be >= {low}, got {value}")
+        if self.window <= self.ratio:
+            raise ValueError(
+                f"GistConfig.window ({self.window}) must be > ratio ({self.ratio}): a gist sees the raw tokens of "
+                f"its group (the {self.ratio} positions before it) only through the window, so with window <= ratio "
+                "it would not see its whole group and that group's raw tokens would be lost once evicted"
+            )
+        if not isinstance(self.gist_predicts_next, bool):
+            raise TypeError(
+                f"GistConfig.gist_predicts_next must be a bool, got {type(self.gist_predicts_next).__name__}"
+            )
         if not isinstance(self.gist_token, str) or not self.gist_token:
             raise ValueError("GistConfig.gist_token must be a non-empty string")
         if self.gist_token_id is not None:
@@ -54,13 +74,11 @@ class GistConfig:
 
     def is_gist(self, position: int) -> bool:
         """Whether interleaved ``position`` holds a gist token."""
-        return position % (self.ratio + 1) == self.ratio
+        return layout.is_gist(position, self.ratio)
 
     def max_cache_len(self, seq_len: int) -> int:
         """Most KV entries a compressed cache holds after ``seq_len`` interleaved positions."""
-        from .layout import num_gists
-
-        return min(seq_len, self.num_sink + num_gists(seq_len, self.ratio) + self.window)
+        return min(seq_len, self.num_sink + layout.num_gists(seq_len, self.ratio) + self.window)
 
     def replace(self, **changes: Any) -> "GistConfig":
         """A copy with some fields changed (validated again)."""

@@ -7,11 +7,12 @@ after every ``ratio`` raw tokens one gist token follows.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 
-from .config import GistConfig
+if TYPE_CHECKING:  # only for annotations: layout is pure arithmetic, config imports it
+    from .config import GistConfig
 
 __all__ = [
     "is_gist",
@@ -37,8 +38,8 @@ IntOrTensor = Union[int, torch.Tensor]
 
 
 def _ratio(config_or_ratio: Union[GistConfig, int]) -> int:
-    if isinstance(config_or_ratio, GistConfig):
-        return config_or_ratio.ratio
+    # Anything with a ``ratio`` (a GistConfig) or the ratio itself.
+    config_or_ratio = getattr(config_or_ratio, "ratio", config_or_ratio)
     if isinstance(config_or_ratio, bool) or not isinstance(config_or_ratio, int) or config_or_ratio < 1:
         raise ValueError(f"ratio must be an int >= 1, got {config_or_ratio!r}")
     return config_or_ratio
@@ -80,7 +81,11 @@ def insert_gists(
         config: the layout; ``config.gist_token_id`` is used unless
             ``gist_token_id`` is given.
         labels: optional labels aligned with ``input_ids`` (default: a copy of
-            ``input_ids``). Gist positions get ``-100`` so no loss is taken on them.
+            ``input_ids``). The gists get no loss: with ``config.gist_predicts_next``
+            (the default) a gist's label is ``-100`` and the position after it (a raw
+            token, predicted by the gist under the causal-LM shift) keeps its label;
+            otherwise the gist's slot carries the label of the raw token after it (so the
+            raw token before the gist predicts it) and that raw token's slot gets ``-100``.
 
     Returns:
         dict with ``input_ids``, ``labels`` and ``position_ids`` (``0..N-1``), each
@@ -103,6 +108,14 @@ def insert_gists(
     src_labels = input_ids if labels is None else labels
     out_labels = src_labels.new_full((*input_ids.shape[:-1], n), -100)
     out_labels[..., pos] = src_labels
+    if not getattr(config, "gist_predicts_next", True):
+        # The causal-LM shift makes slot p's label the target of position p - 1: move
+        # each label that follows a gist onto the gist's slot, so the raw token before
+        # the gist predicts it and the gist's output is never trained.
+        r = _ratio(config)
+        gists = torch.arange(r, n - 1, r + 1, device=input_ids.device)  # gists followed by a raw slot
+        out_labels[..., gists] = out_labels[..., gists + 1]
+        out_labels[..., gists + 1] = -100
     position_ids = torch.arange(n, device=input_ids.device).expand(*input_ids.shape[:-1], n)
     return {"input_ids": out_ids, "labels": out_labels, "position_ids": position_ids.contiguous()}
 

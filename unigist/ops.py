@@ -5,6 +5,7 @@ trace them."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -23,20 +24,30 @@ __all__ = [
     "gist_attention",
     "evict_kv",
     "has_cuda_kernels",
+    "kernel_supports",
     "check_attention_inputs",
     "lse_dtype_for",
     "GistInputError",
     "KeyLayout",
 ]
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_CUDA_DTYPES = (torch.bfloat16, torch.float16)
-_CUDA_HEAD_DIMS = (64, 128)
 
 
 def has_cuda_kernels() -> bool:
     """Whether this build of unigist registered CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("unigist::gist_attention_fwd", "CUDA")
+
+
+@torch.compiler.assume_constant_result  # a fixed table: torch.compile reads it at trace time
+def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether unigist has an attention kernel on ``device`` for ``dtype`` and ``head_dim``.
+
+    The table lives in C++ (``csrc/checks.h``), beside the checks the kernels run:
+    CPU takes float32/float64/bfloat16/float16 and any head dim, CUDA (when this build
+    has CUDA kernels) bfloat16/float16 with head dim 64 or 128.
+    """
+    device_type = torch.device(device).type
+    return bool(torch.ops.unigist.kernel_supports(device_type, dtype, int(head_dim)))
 
 
 class GistInputError(ValueError, RuntimeError):
@@ -136,12 +147,13 @@ def check_attention_inputs(
                 "unigist was built without CUDA kernels (no nvcc or a CPU build of torch at install time); "
                 "reinstall on a machine with nvcc and a CUDA build of torch, or run on CPU tensors"
             )
-        if q.dtype not in _CUDA_DTYPES:
-            raise GistInputError(f"{where}: CUDA kernels take bfloat16 or float16, got {q.dtype}")
-        if q.shape[3] not in _CUDA_HEAD_DIMS:
-            raise GistInputError(f"{where}: CUDA kernels take head_dim 64 or 128, got {q.shape[3]}")
+        if not kernel_supports("cuda", q.dtype, q.shape[3]):
+            raise GistInputError(
+                f"{where}: CUDA kernels take bfloat16 or float16 with head_dim 64 or 128, got {q.dtype} "
+                f"with head_dim {q.shape[3]}"
+            )
     elif q.device.type == "cpu":
-        if q.dtype not in _CPU_DTYPES:
+        if not kernel_supports("cpu", q.dtype, q.shape[3]):
             raise GistInputError(f"{where}: CPU kernels take float32, float64, bfloat16 or float16, got {q.dtype}")
     elif q.device.type != "meta":
         raise GistInputError(f"{where}: unsupported device {q.device}; unigist runs on CPU and CUDA")
@@ -193,8 +205,8 @@ def gist_attention(
         key_layout: keys in a compressed-cache layout (:class:`unigist.layout.KeyLayout`:
             ``[sinks | gists | contiguous tail]``) instead of positions ``0..Nk-1``; the
             queries must lie inside the tail. Same mask, same result as the dense mask on
-            the keys' positions; differentiable. CPU kernels only for now (on CUDA the
-            compressed cache still runs SDPA with a mask, see ``unigist.hf``).
+            the keys' positions. Differentiable on CPU; on CUDA forward only (inference:
+            prefill chunks and decode steps), and a backward raises NotImplementedError.
 
     Returns:
         ``out``, contiguous ``[B, Hq, Nq, D]`` in q's dtype (and ``lse`` with ``return_lse``).
@@ -213,11 +225,6 @@ def gist_attention(
     else:
         _check_cache_call("unigist.gist_attention", q, k, v, config.ratio, config.window, config.num_sink,
                           softmax_scale, q_offset, key_layout)
-        if q.device.type == "cuda":
-            raise NotImplementedError(
-                "unigist.gist_attention: the compressed-cache key layout has CPU kernels only so far; "
-                "on CUDA, pass keys in the interleaved layout (key_layout=None)"
-            )
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
         out, lse = torch.ops.unigist.gist_attention_cache_fwd(
             q, k, v, config.ratio, config.window, config.num_sink, scale, q_offset, *key_layout
@@ -384,22 +391,71 @@ def evict_kv(
     Args:
         key, value: ``[B, H, C, D]`` cache buffers of capacity ``C``; rows ``[0, length)`` are valid.
         positions: int64 ``[C]`` interleaved position of every row (same device as ``key``).
-        length: number of valid rows.
-        next_query: position of the next query that will read the cache.
+        length: number of valid rows (an int).
+        next_query: position of the next query that will read the cache (an int).
         config: the gist layout (ratio, window, num_sink).
 
     Returns:
         The number of kept rows ``n``: rows ``[0, n)`` of ``key``, ``value`` and ``positions``
         now hold the kept rows in their original order; rows past ``n`` are unspecified.
+
+    Raises:
+        TypeError: a non-tensor buffer, or a ``length`` / ``next_query`` that is not an int
+            (a float is never rounded).
+        ValueError: ``key``, ``value`` or ``positions`` share memory, or out-of-range values.
     """
     if not isinstance(config, GistConfig):
         raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
-    for name, t in (("key", key), ("value", value), ("positions", positions)):
+    tensors = (("key", key), ("value", value), ("positions", positions))
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    length = _as_index("length", length)
+    next_query = _as_index("next_query", next_query)
+    # The op compacts each buffer in place, row by row: buffers sharing memory would
+    # overwrite each other's rows while they are being moved.
+    for i, (name_a, a) in enumerate(tensors):
+        for name_b, b in tensors[i + 1 :]:
+            if _may_overlap(a, b):
+                raise ValueError(
+                    f"unigist.evict_kv: {name_a} and {name_b} share memory (the same tensor, or overlapping views of "
+                    "one buffer); evict_kv compacts each of them in place, so each needs its own storage"
+                )
     return torch.ops.unigist.evict_kv(
-        key, value, positions, int(length), config.ratio, config.window, config.num_sink, int(next_query)
+        key, value, positions, length, config.ratio, config.window, config.num_sink, next_query
     )
+
+
+def _as_index(name: str, x):
+    """``x`` as an int: a Python int or SymInt, or anything with ``__index__`` (a NumPy integer,
+    a 0-d integer tensor) except a bool; TypeError naming ``name`` else (a float is never rounded)."""
+    if _is_int(x):
+        return x
+    if not isinstance(x, bool) and not (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise TypeError(f"unigist.evict_kv: {name} must be an int, got {type(x).__name__} {x!r}")
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges ``a`` and ``b`` span in one storage intersect (conservative:
+    interleaved views that share no element but whose ranges cross count as overlapping)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+        spans = []
+        for t in (a, b):
+            start = t.data_ptr()
+            extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+            spans.append((start, start + extent * t.element_size()))
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors under tracing have no storage
+        return False
+    (a0, a1), (b0, b1) = spans
+    return a0 < b1 and b0 < a1
 
 
 @torch.library.register_fake("unigist::evict_kv")

@@ -48,6 +48,9 @@ using layout::KeyLayout;
 #endif
 constexpr int64_t kBlockQ = UNIGIST_CPU_BQ;
 constexpr int64_t kBlockK = UNIGIST_CPU_BK;
+// Score rows (query heads of a kv head x queries) up to which the forward takes
+// the few-query form (fwd_kernel_few).
+constexpr int64_t kFewRows = 16;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -262,29 +265,33 @@ struct HeadKV {
   ct *kt = nullptr, *kgt = nullptr, *k_wide = nullptr, *v_wide = nullptr;
   Mat<const scalar_t> k, v;
 
+  // transposed: also build K^T and Kg^T (the few-query forward reads K rows only).
   void build(const Mat<const scalar_t>& k_in, const Mat<const scalar_t>& v_in, int64_t B, int64_t Hkv,
-             int64_t D_, const Geometry& g) {
+             int64_t D_, const Geometry& g, bool transposed = true) {
     k = k_in;
     v = v_in;
     nk = g.num_keys;
     ng = g.tail_gists;
     D = D_;
-    ld_kt = padded_ld(nk);
-    ld_kgt = padded_ld(ng);
-    kt = workspace<ct>(0, B * Hkv * D * ld_kt);
-    kgt = workspace<ct>(1, B * Hkv * D * ld_kgt);
+    if (transposed) {
+      ld_kt = padded_ld(nk);
+      ld_kgt = padded_ld(ng);
+      kt = workspace<ct>(0, B * Hkv * D * ld_kt);
+      kgt = workspace<ct>(1, B * Hkv * D * ld_kgt);
+    }
     if (widen) {
       k_wide = workspace<ct>(2, B * Hkv * nk * D);
       v_wide = workspace<ct>(3, B * Hkv * nk * D);
     }
+    if (!transposed && !widen) return;  // K and V are read in place
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) build_head(bh / Hkv, bh % Hkv, bh, g);
+      for (int64_t bh = begin; bh < end; ++bh) build_head(bh / Hkv, bh % Hkv, bh, g, transposed);
     });
   }
 
   static int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
-  void build_head(int64_t b, int64_t h, int64_t bh, const Geometry& g) {
+  void build_head(int64_t b, int64_t h, int64_t bh, const Geometry& g, bool transposed) {
     // Rows of K in the compute type: in place, or widened first.
     const ct* k_rows;
     int64_t ld;
@@ -301,6 +308,7 @@ struct HeadKV {
       k_rows = k.at(b, h, 0);
       ld = k.sn;
     }
+    if (!transposed) return;
     transpose_rows(k_rows, ld, nk, D, kt + bh * D * ld_kt, ld_kt);
     if (ng > 0) {  // the tail's gists are ratio + 1 rows apart
       const int64_t row = g.tail_row + layout::gist_position(g.tail_gist0, g.l) - g.kl.tail_start;
@@ -341,12 +349,68 @@ const acc_type<scalar_t>* query_rows(const Mat<const scalar_t>& m, int64_t b, in
   }
 }
 
+// One key block of the online softmax, for `rows` score rows s[c * lds + j]
+// (j < n, unscaled logits): turns them into p = exp(s * scale - m_new) in place,
+// updates the running max m and sum l of each row, and rescales the output
+// rows o[c * D ..] when the max moved.
+template <typename acc_t>
+void online_softmax(acc_t* s, int64_t lds, int64_t rows, int64_t n, acc_t sc, acc_t* m_buf, acc_t* l_buf, acc_t* o,
+                    int64_t D) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < rows; ++c) {
+    acc_t* row = s + c * lds;
+    // Scale and row max in one pass.
+    const acc_t row_max = at::vec::map_reduce_all<acc_t>(
+        [sc](Vec x) { return x * Vec(sc); }, [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, n);
+    const acc_t m_old = m_buf[c];
+    const acc_t m_new = std::max(m_old, row_max);
+    if (m_new == neg_inf) {  // nothing visible yet in this row
+      std::fill(row, row + n, acc_t(0));
+      continue;
+    }
+    Vec vsum(acc_t(0));
+    const Vec vsc(sc), vm(m_new);
+    int64_t j = 0;
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec e = (Vec::loadu(row + j) * vsc - vm).exp_u20();
+      vsum = vsum + e;
+      e.store(row + j);
+    }
+    acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, vsum);
+    for (; j < n; ++j) {
+      const acc_t e = std::exp(row[j] * sc - m_new);
+      sum += e;
+      row[j] = e;
+    }
+    const acc_t alpha = m_old == neg_inf ? acc_t(0) : std::exp(m_old - m_new);
+    l_buf[c] = l_buf[c] * alpha + sum;
+    m_buf[c] = m_new;
+    if (alpha != acc_t(1)) {
+      acc_t* orow = o + c * D;
+      at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, D);
+    }
+  }
+}
+
+// out = o / l and lse = m + log(l) for `rows` rows (out rows ld_out apart).
+template <typename scalar_t, typename acc_t>
+void finish_rows(const acc_t* o, const acc_t* m_buf, const acc_t* l_buf, int64_t rows, int64_t D, scalar_t* out,
+                 int64_t ld_out, acc_t* lse, int64_t ld_lse) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int64_t c = 0; c < rows; ++c) {
+    const acc_t l = l_buf[c];
+    const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, out + c * ld_out, o + c * D, D);
+    lse[c * ld_lse] = l > 0 ? m_buf[c] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
 // ----------------------------------------------------------------- forward
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                 const Geometry& g, double scale, int64_t q_offset) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv;
   const int64_t n_qblocks = (Nq + kBlockQ - 1) / kBlockQ;
@@ -384,54 +448,79 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
           far_visible(kb.pos, n, g.l, keep_far.data());
           mask_scores(s, kBlockK, nq, n, q_lo, kb.pos, g.l, keep_far.data());
         }
-        for (int64_t c = 0; c < nq; ++c) {
-          acc_t* row = s + c * kBlockK;
-          // Scale and row max in one pass.
-          const acc_t row_max = at::vec::map_reduce_all<acc_t>(
-              [sc](Vec x) { return x * Vec(sc); }, [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, n);
-          const acc_t m_old = m_buf[c];
-          const acc_t m_new = std::max(m_old, row_max);
-          if (m_new == neg_inf) {  // nothing visible yet in this row
-            std::fill(row, row + n, acc_t(0));
-            continue;
-          }
-          // p = exp(s * scale - m_new) in place, row sum.
-          Vec vsum(acc_t(0));
-          const Vec vsc(sc), vm(m_new);
-          int64_t j = 0;
-          for (; j + Vec::size() <= n; j += Vec::size()) {
-            const Vec e = (Vec::loadu(row + j) * vsc - vm).exp_u20();
-            vsum = vsum + e;
-            e.store(row + j);
-          }
-          acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, vsum);
-          for (; j < n; ++j) {
-            const acc_t e = std::exp(row[j] * sc - m_new);
-            sum += e;
-            row[j] = e;
-          }
-          const acc_t alpha = m_old == neg_inf ? acc_t(0) : std::exp(m_old - m_new);
-          l_buf[c] = l_buf[c] * alpha + sum;
-          m_buf[c] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* orow = o + c * D;
-            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, orow, orow, D);
-          }
-        }
+        online_softmax(s, kBlockK, nq, n, sc, m_buf.data(), l_buf.data(), o, D);
         const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
         gemm(nq, D, n, s, kBlockK, vp, ldv, o, D, /*add=*/true);
       });
 
-      scalar_t* orow0 = op + ((b * Hq + h) * Nq + t0) * D;
-      acc_t* lrow = lp + (b * Hq + h) * Nq + t0;
-      for (int64_t c = 0; c < nq; ++c) {
-        const acc_t l = l_buf[c];
-        const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, orow0 + c * D, o + c * D, D);
-        lrow[c] = l > 0 ? m_buf[c] + std::log(l) : neg_inf;
+      finish_rows(o, m_buf.data(), l_buf.data(), nq, D, op + ((b * Hq + h) * Nq + t0) * D, D,
+                  lp + (b * Hq + h) * Nq + t0, 1);
+    }
+  });
+}
+
+// The forward for a few queries (decoding: 1 or 2 queries per head over a long
+// cache). The blocked forward builds K^T for every call, three passes over the
+// keys for one GEMV (measured: most of a 1-query call over 4k keys). Here the
+// scores come out transposed, S^T = K Q^T over K's rows in place, and all the
+// query heads of a kv head share each block of K: R = group * Nq score rows.
+template <typename scalar_t>
+void fwd_kernel_few(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, const Geometry& g, double scale, int64_t q_offset) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv, R = group * Nq;
+  const Mat<const scalar_t> qm = mat_of<scalar_t>(q);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  HeadKV<scalar_t> kv;
+  kv.build(mat_of<scalar_t>(k), mat_of<scalar_t>(v), B, Hkv, D, g, /*transposed=*/false);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const int64_t q_lo = q_offset, q_hi = q_offset + Nq - 1;
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    // Row r of the score block is query c = r % Nq of head hk * group + r / Nq.
+    std::vector<acc_t> qt(D * R), st_buf(kBlockK * R), s_buf(R * kBlockK), o_buf(R * D), m_buf(R), l_buf(R);
+    std::vector<uint8_t> keep_far(kBlockK);
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+      for (int64_t r = 0; r < R; ++r) {
+        const scalar_t* qrow = qm.at(b, hk * group + r / Nq, r % Nq);
+        for (int64_t d = 0; d < D; ++d) qt[d * R + r] = static_cast<acc_t>(qrow[d]);
+      }
+      acc_t* s = s_buf.data();
+      acc_t* o = o_buf.data();
+      std::fill(o, o + R * D, acc_t(0));
+      std::fill(m_buf.begin(), m_buf.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l_buf.begin(), l_buf.end(), acc_t(0));
+      for_each_key_block(q_lo, q_hi, g, [&](const KeyBlock& kb) {
+        const int64_t n = kb.n;
+        int64_t ldk = 0, ldv = 0;
+        const acc_t* kp = kv.rows(false, b, hk, bhk, kb, ldk);
+        gemm(n, R, D, kp, ldk, qt.data(), R, st_buf.data(), R, /*add=*/false);
+        transpose_rows(st_buf.data(), R, n, R, s, kBlockK);
+        if (kb.masked) {
+          far_visible(kb.pos, n, g.l, keep_far.data());
+          for (int64_t h = 0; h < group; ++h) mask_scores(s + h * Nq * kBlockK, kBlockK, Nq, n, q_lo, kb.pos, g.l,
+                                                          keep_far.data());
+        }
+        online_softmax(s, kBlockK, R, n, sc, m_buf.data(), l_buf.data(), o, D);
+        const acc_t* vp = kv.rows(true, b, hk, bhk, kb, ldv);
+        gemm(R, D, n, s, kBlockK, vp, ldv, o, D, /*add=*/true);
+      });
+      for (int64_t h = 0; h < group; ++h) {
+        const int64_t hq = hk * group + h;
+        finish_rows(o + h * Nq * D, m_buf.data() + h * Nq, l_buf.data() + h * Nq, Nq, D,
+                    op + (b * Hq + hq) * Nq * D, D, lp + (b * Hq + hq) * Nq, 1);
       }
     }
   });
+}
+
+// Few queries per kv head, and enough kv heads to keep every thread busy.
+bool use_few_query_forward(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t rows = (q.size(1) / k.size(1)) * q.size(2);
+  return rows <= kFewRows && q.size(0) * k.size(1) >= at::get_num_threads();
 }
 
 // ---------------------------------------------------------------- backward
@@ -575,7 +664,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const char* where, const at::Tensor& 
   }
   const Geometry g = make_geometry(l, kl, k.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(q, k, v, out, lse, g, softmax_scale, q_offset);
+    if (use_few_query_forward(q, k)) {
+      fwd_kernel_few<scalar_t>(q, k, v, out, lse, g, softmax_scale, q_offset);
+    } else {
+      fwd_kernel<scalar_t>(q, k, v, out, lse, g, softmax_scale, q_offset);
+    }
   });
   return {out, lse};
 }

@@ -124,7 +124,7 @@ __device__ __forceinline__ void load_rows(T* smem, const RowPtr& row_ptr, const 
 // ---- 32-bit layout math for the inner loops (values clamped on the host) --
 struct Layout32 {
   int ratio, window, num_sink;
-  __device__ __forceinline__ bool is_gist(int p) const { return p % (ratio + 1) == ratio; }
+  __device__ __forceinline__ bool is_gist(int p) const { return layout::is_gist(p, *this); }
   __device__ __forceinline__ bool visible(int q, int k) const {
     return k <= q && (k < num_sink || q - k < window || is_gist(k));
   }
@@ -159,6 +159,13 @@ struct KeyBlocks {
     nC = (local_hi - local_lo + bn - 1) / bn;
   }
   __device__ __forceinline__ int total() const { return nA + nB + nC; }
+  // The k/v row of slot 0 of a block and the row step between its slots.
+  __device__ __forceinline__ void rows(int kind, int first, const Layout32& l, int64_t& row0,
+                                       int64_t& step) const {
+    row0 = kind == 1 ? l.gist_position(first) : first;
+    step = kind == 1 ? l.ratio + 1 : 1;
+  }
+  __device__ __forceinline__ int mask_kind(int kind) const { return kind; }
   // Sets kind, first (first key position or first gist index) and end
   // (exclusive bound of the same quantity) of block it.
   __device__ __forceinline__ void block(int it, int bn, int& kind, int& first, int& end) const {
@@ -183,6 +190,71 @@ __device__ __forceinline__ int key_position(const Layout32& l, int kind, int fir
   const int x = first + s;
   if (x >= end) return -1;
   return kind == 1 ? l.gist_position(x) : x;
+}
+
+// The key blocks of a query tile over a compressed cache (layout::KeyLayout):
+// kind 3, the cached rows [0, cached) (sinks and gists older than every query,
+// so always visible: only the block's end is masked); then kinds 0, 1, 2 as in
+// KeyBlocks over the tail (layout::tile_visit_from), whose position x sits at
+// row x + row_shift (row_shift = cached - tail_start).
+struct CacheBlocks {
+  int cached, row_shift, sink_begin, sink_end, gist_begin, gist_end, local_lo, local_hi;
+  int nP, nA, nB, nC;
+  __device__ __forceinline__ void init(int cached_, int tail_start, int tail_end, const Layout32& l, int q_lo,
+                                       int q_hi, int bn) {
+    const layout::TileVisit tv = layout::tile_visit_from(q_lo, q_hi, tail_start, tail_end, l.as64());
+    cached = cached_;
+    row_shift = cached_ - tail_start;
+    sink_begin = tail_start;
+    sink_end = static_cast<int>(tv.sink_end);
+    gist_begin = static_cast<int>(tv.gist_begin);
+    gist_end = static_cast<int>(tv.gist_end);
+    local_lo = static_cast<int>(tv.local_lo);
+    local_hi = static_cast<int>(tv.local_hi);
+    nP = (cached + bn - 1) / bn;
+    nA = (sink_end - sink_begin + bn - 1) / bn;
+    nB = (gist_end - gist_begin + bn - 1) / bn;
+    nC = (local_hi - local_lo + bn - 1) / bn;
+  }
+  __device__ __forceinline__ int total() const { return nP + nA + nB + nC; }
+  __device__ __forceinline__ void block(int it, int bn, int& kind, int& first, int& end) const {
+    if (it < nP) {
+      kind = 3;
+      first = it * bn;
+      end = cached;
+    } else if ((it -= nP) < nA) {
+      kind = 0;
+      first = sink_begin + it * bn;
+      end = sink_end;
+    } else if ((it -= nA) < nB) {
+      kind = 1;
+      first = gist_begin + it * bn;
+      end = gist_end;
+    } else {
+      kind = 2;
+      first = local_lo + (it - nB) * bn;
+      end = local_hi;
+    }
+  }
+  __device__ __forceinline__ void rows(int kind, int first, const Layout32& l, int64_t& row0,
+                                       int64_t& step) const {
+    row0 = kind == 3 ? first : (kind == 1 ? l.gist_position(first) : first) + row_shift;
+    step = kind == 1 ? l.ratio + 1 : 1;
+  }
+  // The kind the mask helpers take: cached rows are masked like gist blocks
+  // (their end only).
+  __device__ __forceinline__ int mask_kind(int kind) const { return kind == 3 ? 1 : kind; }
+};
+
+// k/v row of slot s of CacheBlocks block (kind, first, end); -1 past the block's
+// end. (row_shift passed in: the mma.sync kernel reads it from its parameters,
+// which measured faster than a CacheBlocks member.)
+__device__ __forceinline__ int cache_key_row(const Layout32& l, int row_shift, int kind, int first, int end,
+                                             int s) {
+  const int x = first + s;
+  if (x >= end) return -1;
+  if (kind == 3) return x;
+  return (kind == 1 ? l.gist_position(x) : x) + row_shift;
 }
 
 // ---- forward: mask and online softmax of one 16-row fragment -------------
@@ -364,6 +436,10 @@ struct AttnParams {
   Layout32 l;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
+  // Keys in the compressed-cache layout (the wgmma path of
+  // gist_attention_cache_fwd, CacheBlocks): cached rows, first tail position,
+  // one past the last. Unused (0) in the interleaved layout.
+  int cached, tail_start, tail_end;
 };
 
 // The keys of a dK/dV CTA (block blk of bn keys): slot s holds index first + s
@@ -498,6 +574,7 @@ struct QueryTile {
 // ---- host-side helpers shared by the entry points -------------------------
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include "checks.h"
 
 #include <climits>
 #include <cstdint>
@@ -518,10 +595,9 @@ inline void check_cuda_qkv(const char* where, const at::Tensor& q, const at::Ten
   check_cuda_tensor(where, "q", q, q);
   check_cuda_tensor(where, "k", k, q);
   check_cuda_tensor(where, "v", v, q);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, where,
-              ": CUDA kernels take bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, where,
-              ": CUDA kernels take head_dim 64 or 128, got ", q.size(3));
+  TORCH_CHECK(cuda_kernels_take(q.scalar_type(), q.size(3)), where,
+              ": CUDA kernels take bfloat16 or float16 with head_dim 64 or 128, got ", q.scalar_type(),
+              " with head_dim ", q.size(3));
   TORCH_CHECK(k.size(2) <= (int64_t{1} << 30), where, ": at most 2^30 keys, got ", k.size(2));
   TORCH_CHECK(q.size(0) * q.size(1) <= INT_MAX, where, ": batch * heads too large");
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, where,
@@ -543,6 +619,9 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t) {
 // had 9.0a) and UNIGIST_FORCE_SM80 is not "1".
 bool use_sm90_fwd(int device);
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// The same kernel over a compressed cache (p.cached, p.tail_start, p.tail_end;
+// contiguous q/k/v): gist_attention_cache_fwd's path for tiles that fill the GPU.
+void launch_cache_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 // The wgmma dQ kernel of the backward (attention_bwd_dq_sm90.cu), taken on the
 // same condition as the wgmma forward.
 void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);

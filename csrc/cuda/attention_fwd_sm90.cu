@@ -64,7 +64,18 @@ struct Sm90Fwd {
   static constexpr int CONSUMER_REGS = 224;  // 128 * 56 + 256 * 224 <= 64 K registers
 };
 
-template <typename T, int D>
+template <bool first, typename A, typename B>
+__device__ __forceinline__ const auto& pick(const A& a, const B& b) {
+  if constexpr (first) {
+    return a;
+  } else {
+    return b;
+  }
+}
+
+// kCache: keys in the compressed-cache layout (CacheBlocks; gist_attention_cache_fwd),
+// else the interleaved layout (KeyBlocks).
+template <typename T, int D, bool kCache>
 __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
 #if UNIGIST_SM90A
   using namespace sm90;
@@ -81,9 +92,12 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
-  const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
-  const KeyBlocks& kb = qt.kb;
+  const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here;
   const Layout32 l = p.l;
+  CacheBlocks cache_kb;
+  if constexpr (kCache) cache_kb.init(p.cached, p.tail_start, p.tail_end, l, q_lo, q_hi, BN);
+  const auto& kb = pick<kCache>(cache_kb, qt.kb);
+  const int nblocks = kCache ? cache_kb.total() : qt.nblocks;
 
   if (threadIdx.x == 0) bars.init();
   __syncthreads();
@@ -138,6 +152,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       const float scale = prescale_unless_positive(s, p.scale_log2);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
+      kind = kb.mask_kind(kind);
       if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
 #if UNIGIST_SM90_FWD_LAZY_MAX
       return online_softmax_lazy(s, scale, m_r, l_r, alpha);
@@ -224,10 +239,10 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
 // is real there and an empty stub in every other pass).
 __global__ void sm90_probe_kernel(int* flag) { *flag = UNIGIST_SM90A; }
 
-template <typename T, int D>
+template <typename T, int D, bool kCache = false>
 void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
   using C = Sm90Fwd<D>;
-  auto kernel = gist_attn_fwd_sm90_kernel<T, D>;
+  auto kernel = gist_attn_fwd_sm90_kernel<T, D, kCache>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
   const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
@@ -266,6 +281,14 @@ void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t 
     bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 64>(p, stream) : launch_fwd_sm90_t<__half, 64>(p, stream);
   } else {
     bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 128>(p, stream) : launch_fwd_sm90_t<__half, 128>(p, stream);
+  }
+}
+
+void launch_cache_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
+  if (head_dim == 64) {
+    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 64, true>(p, stream) : launch_fwd_sm90_t<__half, 64, true>(p, stream);
+  } else {
+    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 128, true>(p, stream) : launch_fwd_sm90_t<__half, 128, true>(p, stream);
   }
 }
 

@@ -226,12 +226,13 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
 };
 
 // Producer loop of the query-tile kernels (forward, dQ): the tile's key blocks
-// (cuda_detail::KeyBlocks) of K and V into the ring, K completing full0, V
-// full1. A block's rows are consecutive keys (sink / window) or gists ratio + 1
-// positions apart: a constant-stride gather; rows past the block's end are
-// zero-filled (masked in S, and a zero row keeps 0 * garbage from becoming NaN).
-template <int BN, int D, int STAGES, typename T>
-__device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const cuda_detail::KeyBlocks& kb,
+// (cuda_detail::KeyBlocks, or CacheBlocks over a compressed cache) of K and V
+// into the ring, K completing full0, V full1. A block's rows are consecutive
+// keys (sink / window / cached rows) or gists ratio + 1 positions apart: a
+// constant-stride gather; rows past the block's end are zero-filled (masked in
+// S, and a zero row keeps 0 * garbage from becoming NaN).
+template <int BN, int D, int STAGES, typename T, typename KB>
+__device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const KB& kb,
                                                   int nblocks, const cuda_detail::Layout32& l, const T* kg,
                                                   const T* vg, unsigned char* sK, unsigned char* sV, int t) {
   constexpr int KV_BYTES = BN * D * 2;
@@ -240,8 +241,8 @@ __device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& ba
     bars.wait_empty(it);
     int kind, first, end;
     kb.block(it, BN, kind, first, end);
-    const int64_t pos0 = kind == 1 ? l.gist_position(first) : first;
-    const int64_t stride = kind == 1 ? l.ratio + 1 : 1;
+    int64_t pos0, stride;
+    kb.rows(kind, first, l, pos0, stride);
     gather_rows<BN, D>(sK + st * KV_BYTES, kg, pos0, stride, end - first, t);
     cp_async_arrive(bars.full0(st));
     gather_rows<BN, D>(sV + st * KV_BYTES, vg, pos0, stride, end - first, t);

@@ -91,6 +91,66 @@ TEST(Layout, TileVisitPartitionsEveryTile) {
   }
 }
 
+// tile_visit_from over the tail [t0, stop) of a compressed cache: its ranges
+// (sinks from t0, gists, local) hold every visible tail key of the tile exactly
+// once, the gist part needs no mask, and t0 = 0 gives tile_visit.
+TEST(Layout, TileVisitFromCoversTheTail) {
+  const int64_t n = 41;
+  for (const auto& l : layouts()) {
+    for (int64_t t0 = 0; t0 < n; t0 += 3) {
+      for (int64_t q_lo = t0; q_lo < n; ++q_lo) {
+        for (int64_t q_hi = q_lo; q_hi < std::min(n, q_lo + 9); ++q_hi) {
+          const L::TileVisit t = L::tile_visit_from(q_lo, q_hi, t0, n, l);
+          if (t0 == 0) {
+            const L::TileVisit u = L::tile_visit(q_lo, q_hi, n, l);
+            ASSERT_EQ(t.sink_end, u.sink_end);
+            ASSERT_EQ(t.gist_begin, u.gist_begin);
+            ASSERT_EQ(t.gist_end, u.gist_end);
+            ASSERT_EQ(t.local_lo, u.local_lo);
+            ASSERT_EQ(t.local_hi, u.local_hi);
+          }
+          std::vector<int> part(n, 0);  // 1 dense, 2 gist
+          ASSERT_GE(t.sink_end, t0);
+          for (int64_t k = t0; k < t.sink_end; ++k) part[k] = 1;
+          for (int64_t k = t.local_lo; k < t.local_hi; ++k) {
+            ASSERT_GE(k, t0);
+            ASSERT_EQ(part[k], 0);
+            part[k] = 1;
+          }
+          for (int64_t g = t.gist_begin; g < t.gist_end; ++g) {
+            const int64_t k = L::gist_position(g, l);
+            ASSERT_GE(k, t0);
+            ASSERT_EQ(part[k], 0);
+            part[k] = 2;
+          }
+          for (int64_t q = q_lo; q <= q_hi; ++q) {
+            for (int64_t k = 0; k < n; ++k) {
+              const bool vis = brute_visible(q, k, l);
+              if (part[k] == 2) {
+                EXPECT_TRUE(vis);
+              }
+              if (k >= t0 && vis) {
+                EXPECT_NE(part[k], 0) << "visible tail key left out";
+              }
+              if (k < t0) {
+                EXPECT_EQ(part[k], 0);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// is_gist in the 32-bit layout the CUDA kernels use agrees with the 64-bit one.
+TEST(Layout, IsGist32) {
+  for (const auto& l : layouts()) {
+    const L32 l32{int(l.ratio), int(l.window), int(l.num_sink)};
+    for (int p = 0; p < 200; ++p) EXPECT_EQ(L::is_gist(p, l32), L::is_gist(int64_t{p}, l));
+  }
+}
+
 // dkdv_tile_range / dkdv_tile_all_in against the per-element partition: for
 // key blocks of both passes (consecutive keys; consecutive gists >= num_sink),
 // every tile outside the range holds no pair of the block in that part, and

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What produced benchmarks/results/generate.md: build, the CUDA tests of the HF
 # integration / eviction op, and the generation benchmark, on the GPU machine.
-#   bash benchmarks/run_generate_device.sh OUT_DIR
+#   bash benchmarks/device/run_generate_device.sh OUT_DIR
 # If the full extension (with the CUDA attention kernels) does not build in time,
 # a fallback build (CPU ops + CUDA eviction op) is used: generation only needs
 # the eviction op and SDPA.

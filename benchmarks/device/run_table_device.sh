@@ -9,10 +9,10 @@
 #           the build call's table once committed there (bench_attention.py
 #           --append refuses rows of another device, torch or layout)
 # Usage on the GPU machine, from the repo root:
-#   OUT=/some/dir bash benchmarks/run_table_device.sh build
-#   OUT=/some/dir bash benchmarks/run_table_device.sh table 4096 8192 16384
+#   OUT=/some/dir bash benchmarks/device/run_table_device.sh build
+#   OUT=/some/dir bash benchmarks/device/run_table_device.sh table 4096 8192 16384
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/unigist_out}
 mkdir -p "$OUT"
 T0=$(date +%s)

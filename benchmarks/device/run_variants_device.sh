@@ -2,7 +2,7 @@
 # One device call comparing kernel variants: source trees (this checkout, a git
 # worktree carried along) and/or nvcc defines. Each variant is
 # "name=dir[:nvcc defines]", e.g. from the repo root on the GPU machine:
-#   OUT=/some/dir bash benchmarks/run_variants_device.sh \
+#   OUT=/some/dir bash benchmarks/device/run_variants_device.sh \
 #       "main=." "next=.sm90" "qreg=.sm90:-DUNIGIST_SM90_DQ_QREG=1"
 # Builds every variant in parallel (copies under /tmp), runs `pytest -m cuda`
 # on each variant named in TEST (default: all but the first, the baseline),
@@ -11,7 +11,7 @@
 # memcheck of a small fwd+bwd on each tested variant; BENCH_ROUNDS (default 2)
 # sets the bench rounds. Short output; logs under $OUT.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/unigist_out}
 mkdir -p "$OUT"

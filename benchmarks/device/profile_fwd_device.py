@@ -1,6 +1,6 @@
 """One gist attention forward (and optionally backward) at a benchmark shape, for ncu /
 compute-sanitizer on the device:
-    ncu --clock-control none -k regex:gist_attn_fwd_sm90 -c 1 --set full python3 benchmarks/profile_fwd_device.py
+    ncu --clock-control none -k regex:gist_attn_fwd_sm90 -c 1 --set full python3 benchmarks/device/profile_fwd_device.py
 """
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import unigist  # noqa: E402
 from unigist import GistConfig  # noqa: E402
 

@@ -2,9 +2,9 @@
 # One device run of the wgmma forward (see benchmarks/NOTES.md v6): wgmma
 # conventions micro-test, build, smoke test, CUDA tests, forward A/B benchmark
 # (wgmma vs mma.sync, same run). Usage on the GPU machine, from the repo root:
-#   OUT=/some/dir bash benchmarks/run_fwd_sm90_device.sh [quick]
+#   OUT=/some/dir bash benchmarks/device/run_fwd_sm90_device.sh [quick]
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/unigist_out}
 mkdir -p "$OUT"
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1 PYTHONPATH=$PWD

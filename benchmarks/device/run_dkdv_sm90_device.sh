@@ -9,9 +9,9 @@
 #   final: tests, profiles, 32k bench and memcheck of the wgmma path only
 # Output kept short (the device tool returns the last 12,000 characters); full
 # logs under $OUT. Usage on the GPU machine, from the repo root:
-#   OUT=/some/dir bash benchmarks/run_dkdv_sm90_device.sh [test|bench|final]
+#   OUT=/some/dir bash benchmarks/device/run_dkdv_sm90_device.sh [test|bench|final]
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/unigist_out}
 mkdir -p "$OUT"
 mode=${1:-test}

@@ -1,0 +1,596 @@
+"""Compressed generation: chunked prefill and decoding over a :class:`GistCache`.
+
+The context streams in as the interleaved sequence: after every ``ratio`` raw
+tokens one gist token is fed (the same layout training used). The prefill runs
+in chunks of ``chunk_size`` interleaved positions (any size; the result does not
+depend on it), each chunk attending to the compressed cache, which drops the raw
+tokens no query can see any more as new rows come in (the :class:`GistCache`
+alone decides when). Decoding goes token by token; whenever the next position is
+a gist position the gist token is fed together with the sampled token (one
+forward pass), and the next raw token is predicted from the gist's output (or,
+with ``GistConfig.gist_predicts_next=False``, from the raw token before the
+gist). The gist token is never emitted (its logit is masked).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+from transformers.generation import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .cache import GistCache, GistCacheRows
+from .config import GistConfig
+from .hf import _warn_past_max_positions, get_gist_config
+from .layout import insert_gists, interleaved_length
+
+__all__ = ["generate", "GenerationResult"]
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`unigist.generate` returns.
+
+    Attributes:
+        ids: the new raw token ids (no gists; includes the EOS token if one ended generation).
+        text: ``ids`` decoded (special tokens skipped) when a tokenizer was given, else ``None``.
+        prompt_tokens: raw prompt tokens.
+        sequence: every id fed to the model, interleaved (prompt with gists, generated tokens with gists).
+        kv: KV-cache statistics: ``cache_length`` / ``peak_cache_length`` (entries per layer),
+            ``max_allowed_length`` (num_sink + gists + window), ``kv_bytes`` / ``peak_kv_bytes``
+            (all layers, keys + values), ``allocated_bytes`` (buffers), ``full_cache_bytes`` (what a full,
+            uncompressed cache would hold for ``seen_tokens`` positions), ``compression``.
+        prefill_seconds, decode_seconds, decode_tokens_per_s: timings.
+        logits: with ``output_logits=True``, float32 logits ``[len(sequence) - 1 or so, vocab]`` of
+            every position fed, in order (the last sampled token is not fed, so it has none).
+    """
+
+    ids: List[int]
+    text: Optional[str]
+    prompt_tokens: int
+    sequence: torch.Tensor
+    kv: dict = field(default_factory=dict)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    logits: Optional[torch.Tensor] = None
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.text if self.text is not None else str(self.ids)
+
+
+def _is_tokenizer(obj) -> bool:
+    return hasattr(obj, "encode") and hasattr(obj, "decode") and not isinstance(obj, torch.Tensor)
+
+
+def _as_ids(x, device, where: str = "prompt") -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"unigist.generate: {where} must hold integer token ids, got a {x.dtype} tensor")
+        ids = x
+    else:
+        items = list(x)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            raise TypeError(f"unigist.generate: {where} must be a sequence of int token ids")
+        ids = torch.tensor(items, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(
+            f"unigist.generate: {where} must be a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}"
+        )
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _is_batch(prompt) -> bool:
+    """A list/tuple of prompts (strings or id sequences), or a 2-D tensor of several rows."""
+    if isinstance(prompt, torch.Tensor):
+        return prompt.dim() == 2 and prompt.shape[0] > 1
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
+    return False
+
+
+def _raw_ids(prompt, tokenizer, gcfg: GistConfig, device, where: str) -> torch.Tensor:
+    """A prompt (text with a tokenizer, or ids) as a 1-D tensor of raw token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("unigist.generate: text prompts need a tokenizer: generate(model, tokenizer, prompt)")
+        prompt = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    raw = _as_ids(prompt, device, where)
+    hits = (raw == gcfg.gist_token_id).nonzero()
+    if hits.numel():
+        raise ValueError(
+            f"unigist.generate: {where} holds the gist token id {gcfg.gist_token_id} (at raw position "
+            f"{int(hits[0])}); pass raw tokens only, gists are inserted here"
+        )
+    return raw
+
+
+def _generation_config(model, generation_config: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
+    """The model's own generation config (or the one given) with the explicit arguments on
+    top, validated by transformers (which warns, e.g., for a temperature without sampling)."""
+    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    if base is not None and not isinstance(base, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(base).__name__}")
+    cfg = copy.deepcopy(base) if base is not None else GenerationConfig()
+    cfg.update(**{k: v for k, v in overrides.items() if v is not None})
+    cfg.validate()
+    return cfg
+
+
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"unigist.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
+def _check_sampling(cfg: GenerationConfig) -> None:
+    if not cfg.do_sample:
+        return
+    t = cfg.temperature
+    if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"unigist.generate: temperature must be a finite number > 0 when sampling, got {t!r}")
+    p = cfg.top_p
+    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):  # NaN fails both comparisons
+        raise ValueError(f"unigist.generate: top_p must be in (0, 1], got {p!r}")
+    m = cfg.min_p
+    if m is not None and not (isinstance(m, (int, float)) and 0 <= m <= 1):
+        raise ValueError(f"unigist.generate: min_p must be in [0, 1], got {m!r}")
+    k = cfg.top_k
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"unigist.generate: top_k must be an int >= 0, got {k!r}")
+
+
+def _eos_ids(cfg: GenerationConfig, tokenizer, eos_token_id) -> set:
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return set(int(e) for e in eos_token_id)
+
+
+def _logits_processors(cfg: GenerationConfig, gist_id: int) -> LogitsProcessorList:
+    """transformers' own processors for the options of ``cfg`` (in the order its generate
+    applies them), after one that keeps the gist token from ever being emitted."""
+    procs = LogitsProcessorList([SuppressTokensLogitsProcessor([gist_id])])
+    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=cfg.repetition_penalty))
+    if cfg.do_sample:
+        if cfg.temperature is not None and cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k:
+            procs.append(TopKLogitsWarper(top_k=cfg.top_k))
+        if cfg.top_p is not None and cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=cfg.top_p))
+        if cfg.min_p is not None and cfg.min_p > 0:
+            procs.append(MinPLogitsWarper(min_p=cfg.min_p))
+    return procs
+
+
+class _Streamer:
+    """Feeds new tokens to an HF streamer (``put``/``end``) or a callback ``f(token_id, text)``."""
+
+    def __init__(self, streamer, tokenizer, prompt_ids: torch.Tensor):
+        self.streamer = streamer
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.text = ""
+        if streamer is not None and hasattr(streamer, "put"):
+            streamer.put(prompt_ids[None].cpu())  # HF streamers take the prompt first (skip_prompt)
+        elif streamer is not None and not callable(streamer):
+            raise TypeError("streamer must be an HF streamer (put/end) or a callable f(token_id, text)")
+
+    def put(self, token: int) -> None:
+        if self.streamer is None:
+            return
+        if hasattr(self.streamer, "put"):
+            self.streamer.put(torch.tensor([token]))
+            return
+        self.ids.append(token)
+        piece = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            piece, self.text = text[len(self.text):], text
+        self.streamer(token, piece)
+
+    def end(self) -> None:
+        if self.streamer is not None and hasattr(self.streamer, "end"):
+            self.streamer.end()
+
+
+def _forward_parameters(model) -> set:
+    """Parameters of the model's forward (a PEFT wrapper's forward takes **kwargs: read its base)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return set()
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer_or_ids: Any = None,
+    prompt: Union[str, torch.Tensor, Sequence[int], Sequence[Union[str, Sequence[int]]], None] = None,
+    *,
+    max_new_tokens: Optional[int] = None,
+    chunk_size: Optional[int] = 2048,
+    do_sample: Optional[bool] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    repetition_penalty: Optional[float] = None,
+    stop_strings: Union[str, Sequence[str], None] = None,
+    generation_config: Optional[GenerationConfig] = None,
+    streamer: Union[Callable[[int, Optional[str]], None], Any, None] = None,
+    progress: bool = True,
+    decode_progress: bool = False,
+    config: Optional[GistConfig] = None,
+    eos_token_id: Union[int, Sequence[int], None] = None,
+    generator: Optional[torch.Generator] = None,
+    output_logits: bool = False,
+    eviction: str = "lazy",
+) -> Union[GenerationResult, List[GenerationResult]]:
+    """Generate with UniGist compression: the KV cache holds ``num_sink + gists + window`` entries.
+
+    Args:
+        model: a model patched by :func:`unigist.patch_model`.
+        tokenizer_or_ids: a tokenizer (then ``prompt`` is a string or ids), or the prompt's
+            token ids (tensor ``[L]``/``[1, L]`` or list) when there is no tokenizer.
+        prompt: the prompt text (with a tokenizer) or token ids: raw tokens, gists are inserted
+            here. A list of prompts (strings or id lists of any lengths, or a ``[B, L]`` tensor)
+            returns a list of results, each equal to generating that prompt alone: each
+            prompt is prefilled into a compressed cache of its own, then all decode together,
+            one forward pass per step for the batch (see :class:`unigist.cache.GistCacheRows`).
+        max_new_tokens: raw tokens to generate at most (default: the generation config's
+            ``max_new_tokens``, else 128); stops early at EOS or a stop string.
+        chunk_size: interleaved positions per prefill forward pass (any size >= 1, ``None``:
+            the whole prompt at once; the output does not depend on it, the peak memory does).
+        do_sample, temperature, top_k, top_p, min_p, repetition_penalty, stop_strings: as in
+            ``transformers`` ``generate``; applied by transformers' own logits processors and
+            stopping criteria (``stop_strings`` needs a tokenizer). They override
+            ``generation_config``.
+        generation_config: a ``transformers.GenerationConfig``; default ``model.generation_config``.
+            Its EOS ids, sampling options and ``max_new_tokens`` are used; transformers' checks
+            run on it (a ``temperature`` without ``do_sample`` warns, as in transformers).
+        streamer: an HF streamer (``TextStreamer``; gets ``put``/``end``) or a callable
+            ``f(token_id, text_piece)`` called for every new token (``text_piece`` is None
+            without a tokenizer). One prompt only.
+        progress: show a tqdm bar (``tqdm.auto``: a widget in notebooks) over the prefill when it
+            takes more than one chunk.
+        decode_progress: also show one over the new tokens.
+        config: optional check: must match the GistConfig the model was patched with.
+        eos_token_id: stop token(s), overriding the generation config's (``[]``: none).
+        generator: ``torch.Generator`` for reproducible sampling.
+        output_logits: also return float32 logits of every fed position (tests use this).
+        eviction: the :class:`GistCache` policy: ``"lazy"`` (default: evict when the bound
+            ``num_sink + gists + window`` would be exceeded, about every ``window / ratio`` steps)
+            or ``"strict"`` (before every forward pass). The cache alone decides when to evict.
+
+    Returns:
+        :class:`GenerationResult` with the new ids, text, and KV-memory statistics (a list of
+        them for a list of prompts).
+    """
+    gcfg = get_gist_config(model)
+    if config is not None and (config.ratio, config.window, config.num_sink, config.gist_predicts_next) != (
+        gcfg.ratio,
+        gcfg.window,
+        gcfg.num_sink,
+        gcfg.gist_predicts_next,
+    ):
+        raise ValueError(f"config {config} differs from the one the model was patched with ({gcfg})")
+    if gcfg.gist_token_id is None:
+        raise ValueError("the model's GistConfig has no gist_token_id; patch the model with unigist.patch_model")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"unigist.generate: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if max_new_tokens is not None:
+        _check_max_new_tokens(max_new_tokens)
+    gen_cfg = _generation_config(model, generation_config, dict(
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, stop_strings=stop_strings,
+    ))
+    if max_new_tokens is None:
+        max_new_tokens = gen_cfg.max_new_tokens if gen_cfg.max_new_tokens is not None else 128
+    _check_max_new_tokens(max_new_tokens)
+    _check_sampling(gen_cfg)
+
+    tokenizer = tokenizer_or_ids if _is_tokenizer(tokenizer_or_ids) else None
+    src = prompt if tokenizer is not None or prompt is not None else tokenizer_or_ids
+    if tokenizer is not None and src is None:
+        raise ValueError("unigist.generate: pass the prompt (text or token ids)")
+    if src is None or (tokenizer is None and isinstance(src, str)):
+        raise ValueError("unigist.generate: pass a tokenizer with a text prompt, or the prompt's token ids")
+    if tokenizer is None and isinstance(src, (list, tuple)) and any(isinstance(p, str) for p in src):
+        raise ValueError("unigist.generate: text prompts need a tokenizer: generate(model, tokenizer, prompts)")
+    if gen_cfg.stop_strings and tokenizer is None:
+        raise ValueError("unigist.generate: stop_strings need a tokenizer")
+    if _is_batch(src):
+        if streamer is not None:
+            raise ValueError("unigist.generate: a streamer follows one prompt; pass a single prompt")
+        device = model.get_input_embeddings().weight.device
+        prompts = list(src.unbind(0)) if isinstance(src, torch.Tensor) else list(src)
+        raws = [_raw_ids(p, tokenizer, gcfg, device, f"prompt {i}") for i, p in enumerate(prompts)]
+        return _generate_batch(model, gcfg, gen_cfg, tokenizer, raws, max_new_tokens, chunk_size, progress,
+                               decode_progress, eos_token_id, generator, output_logits, eviction)
+
+    device = model.get_input_embeddings().weight.device
+    raw = _raw_ids(src, tokenizer, gcfg, device, "prompt")
+    return _generate_one(model, gcfg, gen_cfg, tokenizer, raw, max_new_tokens, chunk_size, streamer, progress,
+                         decode_progress, eos_token_id, generator, output_logits, eviction)
+
+
+def _prefill(model, gcfg: GistConfig, raw: torch.Tensor, max_new_tokens: int, chunk_size: Optional[int],
+             progress: bool, output_logits: bool, eviction: str, bars: list):
+    """Feed the prompt ``raw`` (gists inserted) in chunks into a fresh :class:`GistCache`.
+
+    Returns ``(cache, x, logits, next_logits, forward)``: the cache, the interleaved prompt,
+    the float32 logits of every position (with ``output_logits``), the logits that predict the
+    first new token, and ``forward(ids, start)`` for more tokens over the same cache.
+    """
+    device = raw.device
+    x = insert_gists(raw, gcfg)["input_ids"]
+    n_prompt = x.shape[0]
+    chunk_size = n_prompt if chunk_size is None else chunk_size
+    total = n_prompt + interleaved_length(max_new_tokens, gcfg.ratio) + 1
+    _warn_past_max_positions(model.config, total)  # up front: gists make positions run ahead of tokens
+    capacity = min(total, gcfg.max_cache_len(total) + max(chunk_size, 2))
+    cache = GistCache(gcfg, model_config=model.config, capacity=capacity, eviction=eviction, explicit_layout=True)
+    params = _forward_parameters(model)
+    keep_kw = "logits_to_keep" in params
+    # transformers >= 5.24 names the cache argument `cache` (`past_key_values` goes in 5.40).
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(ids: torch.Tensor, start: int) -> torch.Tensor:
+        kwargs = dict(
+            input_ids=ids[None],
+            position_ids=torch.arange(start, start + ids.shape[0], device=device)[None],
+            use_cache=True,
+            gist_cache=cache,  # the explicit channel of the cache's key layout to unigist attention
+        )
+        kwargs[cache_kw] = cache
+        if keep_kw:
+            # Two rows: the next token may be read off the raw token before a trailing gist.
+            kwargs["logits_to_keep"] = 0 if output_logits else 2
+        return model(**kwargs).logits[0]
+
+    logits_out: List[torch.Tensor] = []
+    bar = None
+    if progress and n_prompt > chunk_size:
+        bar = tqdm(total=n_prompt, desc="unigist prefill", unit="tok", leave=False)
+        bars.append(bar)
+    tail = None  # the last two rows of logits fed so far (a chunk may hold one)
+    for s in range(0, n_prompt, chunk_size):
+        chunk = x[s : s + chunk_size]
+        logits = forward(chunk, s)
+        if output_logits:
+            logits_out.append(logits.float())
+        tail = logits[-2:] if tail is None else torch.cat([tail, logits[-2:]])[-2:]
+        if bar is not None:
+            bar.update(chunk.shape[0])
+    return cache, x, logits_out, _predictor(gcfg, tail, n_prompt), forward
+
+
+def _predictor(gcfg: GistConfig, logits: torch.Tensor, end: int) -> torch.Tensor:
+    """Of the last rows of ``logits`` (positions up to ``end - 1``), the one that predicts the
+    next raw token."""
+    if not gcfg.gist_predicts_next and gcfg.is_gist(end - 1) and end >= 2:
+        return logits[-2]  # the gist is memory only: the raw token before it predicts
+    return logits[-1]
+
+
+def _generate_one(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer, raw: torch.Tensor,
+                  max_new_tokens: int, chunk_size: Optional[int], streamer, progress: bool, decode_progress: bool,
+                  eos_token_id, generator, output_logits: bool, eviction: str) -> GenerationResult:
+    device = raw.device
+    gist_id = gcfg.gist_token_id
+    eos = _eos_ids(gen_cfg, tokenizer, eos_token_id)
+    processors = _logits_processors(gen_cfg, gist_id)
+    stopping = StoppingCriteriaList()
+    if gen_cfg.stop_strings:
+        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_cfg.stop_strings))
+    was_training = model.training
+    model.eval()
+    bars: list = []
+    try:
+        # ---------------------------------------------------------------- prefill
+        t0 = time.perf_counter()
+        cache, x, all_logits, next_logits, forward = _prefill(
+            model, gcfg, raw, max_new_tokens, chunk_size, progress, output_logits, eviction, bars
+        )
+        fed: List[torch.Tensor] = [x]
+        n_prompt = x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+
+        # ----------------------------------------------------------------- decode
+        stream = _Streamer(streamer, tokenizer, raw)
+        dbar = None
+        if decode_progress and max_new_tokens > 0:
+            dbar = tqdm(total=max_new_tokens, desc="unigist decode", unit="tok", leave=False)
+            bars.append(dbar)
+        history = raw[None]  # raw ids so far (no gists), as the processors and criteria see them
+        new_ids: List[int] = []
+        pos = n_prompt
+        while len(new_ids) < max_new_tokens:
+            scores = processors(history, next_logits.float()[None])
+            if gen_cfg.do_sample:
+                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+            else:
+                tok = int(scores.argmax(-1))
+            new_ids.append(tok)
+            stream.put(tok)
+            history = torch.cat([history, history.new_tensor([[tok]])], dim=1)
+            if dbar is not None:
+                dbar.update(1)
+            if tok in eos or len(new_ids) == max_new_tokens or bool(stopping(history, scores).any()):
+                break
+            feed = [tok]
+            if gcfg.is_gist(pos + 1):
+                feed.append(gist_id)  # the gist closes this group
+            feed_t = torch.tensor(feed, device=device)
+            fed.append(feed_t)
+            logits = forward(feed_t, pos)
+            if output_logits:
+                all_logits.append(logits.float())
+            pos += len(feed)
+            next_logits = _predictor(gcfg, logits, pos)
+        stream.end()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+    finally:
+        for b in bars:
+            b.close()
+        if was_training:
+            model.train()
+
+    kv = cache.stats()
+    kv["compression"] = kv["full_cache_bytes"] / kv["kv_bytes"] if kv["kv_bytes"] else 1.0
+    decode_s = t2 - t1
+    return GenerationResult(
+        ids=new_ids,
+        text=tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else None,
+        prompt_tokens=int(raw.shape[0]),
+        sequence=torch.cat(fed).cpu(),
+        kv=kv,
+        prefill_seconds=t1 - t0,
+        decode_seconds=decode_s,
+        decode_tokens_per_s=(len(new_ids) / decode_s) if decode_s > 0 else float("inf"),
+        logits=torch.cat(all_logits).cpu() if output_logits else None,
+    )
+
+
+def _generate_batch(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer, raws: List[torch.Tensor],
+                    max_new_tokens: int, chunk_size: Optional[int], progress: bool, decode_progress: bool,
+                    eos_token_id, generator, output_logits: bool, eviction: str) -> List[GenerationResult]:
+    """Several prompts: each is prefilled alone into its own cache, then all decode together,
+    one forward per step over ``[rows, 1]`` new tokens (each row's next position: its sampled
+    token, or a gist when one closes the row's group) through :class:`GistCacheRows`."""
+    device = raws[0].device
+    gist_id = gcfg.gist_token_id
+    eos = _eos_ids(gen_cfg, tokenizer, eos_token_id)
+    processors = _logits_processors(gen_cfg, gist_id)
+    stopping = StoppingCriteriaList()
+    if gen_cfg.stop_strings:
+        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_cfg.stop_strings))
+    params = _forward_parameters(model)
+    keep_kw = "logits_to_keep" in params
+    was_training = model.training
+    model.eval()
+
+    def predicts(p: int) -> bool:
+        """Whether the output at position ``p`` predicts the next raw token."""
+        return not gcfg.is_gist(p + 1) if gcfg.gist_predicts_next else not gcfg.is_gist(p)
+
+    rows = []
+    bars: list = []
+    try:
+        for raw in raws:
+            t = time.perf_counter()
+            cache, x, logits, next_logits, _ = _prefill(
+                model, gcfg, raw, max_new_tokens, chunk_size, progress, output_logits, eviction, bars
+            )
+            rows.append(dict(raw=raw, cache=cache, next_logits=next_logits, pos=x.shape[0], fed=[x],
+                             logits=[t.cpu() for t in logits], history=raw[None], ids=[], pending=None,
+                             done=max_new_tokens == 0, prefill_s=time.perf_counter() - t))
+        t1 = time.perf_counter()
+        dbar = None
+        if decode_progress and max_new_tokens > 0:
+            dbar = tqdm(total=max_new_tokens * len(rows), desc="unigist decode", unit="tok", leave=False)
+            bars.append(dbar)
+        group = GistCacheRows([row["cache"] for row in rows])
+
+        def sample(row, logits: torch.Tensor) -> None:
+            scores = processors(row["history"], logits.float()[None])
+            if gen_cfg.do_sample:
+                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+            else:
+                tok = int(scores.argmax(-1))
+            row["ids"].append(tok)
+            row["history"] = torch.cat([row["history"], row["history"].new_tensor([[tok]])], dim=1)
+            row["pending"] = tok
+            if dbar is not None:
+                dbar.update(1)
+            if tok in eos or len(row["ids"]) == max_new_tokens or bool(stopping(row["history"], scores).any()):
+                row["done"] = True
+
+        for row in rows:
+            if not row["done"]:
+                sample(row, row["next_logits"])
+        while True:
+            active = [i for i, row in enumerate(rows) if not row["done"]]
+            if not active:
+                break
+            feed = []
+            for i in active:
+                row = rows[i]
+                tok = gist_id if gcfg.is_gist(row["pos"]) else row["pending"]
+                feed.append(tok)
+                row["fed"].append(torch.tensor([tok], device=device))
+            group.active = active
+            kwargs = dict(
+                input_ids=torch.tensor(feed, device=device)[:, None],
+                position_ids=torch.tensor([rows[i]["pos"] for i in active], device=device)[:, None],
+                use_cache=False,
+                gist_cache=group,
+            )
+            if keep_kw:
+                kwargs["logits_to_keep"] = 1
+            logits = model(**kwargs).logits[:, -1]
+            for b, i in enumerate(active):
+                row = rows[i]
+                if output_logits:
+                    row["logits"].append(logits[b : b + 1].float().cpu())
+                p = row["pos"]
+                row["pos"] = p + 1
+                if predicts(p):
+                    sample(row, logits[b])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+    finally:
+        for bar in bars:
+            bar.close()
+        if was_training:
+            model.train()
+
+    results = []
+    for row in rows:
+        kv = row["cache"].stats()
+        kv["compression"] = kv["full_cache_bytes"] / kv["kv_bytes"] if kv["kv_bytes"] else 1.0
+        ids = row["ids"]
+        results.append(GenerationResult(
+            ids=ids,
+            text=tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None,
+            prompt_tokens=int(row["raw"].shape[0]),
+            sequence=torch.cat(row["fed"]).cpu(),
+            kv=kv,
+            prefill_seconds=row["prefill_s"],
+            decode_seconds=t2 - t1,
+            decode_tokens_per_s=(len(ids) / (t2 - t1)) if t2 > t1 else float("inf"),
+            logits=torch.cat(row["logits"]) if output_logits else None,
+        ))
+    return results
