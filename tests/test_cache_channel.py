@@ -124,3 +124,23 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_gist_cache_refuses_a_changed_batch_or_dtype():
+    """A GistCache holds one sequence per batch row: an update with another batch size, head
+    count, head dim, dtype or device is refused (it used to reallocate silently); reset() frees it."""
+    from unigist import GistCache
+
+    cfg = GistConfig(ratio=2, window=4, num_sink=1)
+    cache = GistCache(cfg, num_layers=1, explicit_layout=True)
+    k = torch.randn(2, 3, 5, 8)
+    cache.update(k, k.clone(), 0)
+    for bad, what in ((torch.randn(1, 3, 1, 8), "shape"), (torch.randn(2, 2, 1, 8), "shape"),
+                      (torch.randn(2, 3, 1, 4), "shape"), (torch.randn(2, 3, 1, 8, dtype=torch.float64), "float64")):
+        with pytest.raises(ValueError, match=what):
+            cache.update(bad, bad.clone(), 0)
+    assert cache.layers[0].length == 5  # nothing was appended
+    cache.reset()
+    one = torch.randn(1, 3, 4, 8, dtype=torch.float64)
+    keys, _ = cache.update(one, one.clone(), 0)
+    assert keys.shape == (1, 3, 4, 8) and keys.dtype == torch.float64 and torch.equal(keys, one)

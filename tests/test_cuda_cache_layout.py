@@ -13,6 +13,7 @@ from unigist.layout import KeyLayout, keep_for_future, key_positions, num_gists
 from unigist.reference import gist_attention_reference
 
 from conftest import rel_err
+from test_ops_cache_layout import random_cache as cpu_random_cache
 
 pytestmark = pytest.mark.cuda
 
@@ -36,23 +37,9 @@ def _poison_allocator(nbytes: int = 64 << 20) -> None:
 
 
 def random_cache(cfg: GistConfig, rng: random.Random, max_seen: int, chunk: int):
-    """Keys as GistCache leaves them: positions 0..seen-1 seen, evicted (strictly,
-    or lazily for an older query) and a chunk of `chunk` new positions appended.
-    Returns (KeyLayout, key rows, q_offset)."""
-    seen = rng.randint(0, max_seen)
-    evicted_at = rng.choice([seen, rng.randint(0, seen)])
-    pos = torch.arange(seen)
-    keep = keep_for_future(pos, evicted_at, cfg) if seen else torch.zeros(0, dtype=torch.bool)
-    holes = (~keep).nonzero().flatten()
-    tail_start = int(holes[-1]) + 1 if holes.numel() else 0
-    sinks = min(cfg.num_sink, tail_start)
-    first_gist = num_gists(sinks, cfg)
-    gists = max(0, num_gists(tail_start, cfg) - first_gist)
-    kl = KeyLayout(sinks, gists, first_gist, tail_start)
-    nk = sinks + gists + (seen - tail_start) + chunk
-    expected = torch.cat([pos[keep], torch.arange(seen, seen + chunk)])
-    assert torch.equal(key_positions(kl, nk, cfg), expected)
-    return kl, nk, seen
+    """(KeyLayout, key rows, q_offset) of a random eviction history with `chunk` new positions."""
+    kl, nk, q_offset, _ = cpu_random_cache(cfg, rng, max_seen=max_seen, chunk=chunk)
+    return kl, nk, q_offset
 
 
 def _check(q, k, v, cfg, kl, q_offset, tol, what):

@@ -41,9 +41,19 @@ def full_reference_logits(ref_model, seq: torch.Tensor, cfg: GistConfig) -> torc
         ).logits[0]
 
 
-CASES = [
+def predicting_positions(n_fed: int, context: int, cfg: GistConfig, n_new: int) -> torch.Tensor:
+    """The position whose logits predict each of the ``n_new`` generated tokens: the one before
+    it, or with gist_predicts_next=False, the raw token before a gist that sits in between."""
+    raw_pos = (~unigist.layout.is_gist(torch.arange(n_fed + 2), cfg)).nonzero().flatten()[context:context + n_new]
+    pred = raw_pos - 1
+    if not cfg.gist_predicts_next:
+        pred = torch.where(unigist.layout.is_gist(pred, cfg), pred - 1, pred)
+    return pred
+
+
+CASES = [  # both label conventions (the default is the memory-only gist)
     ("llama", GistConfig(ratio=4, window=16, num_sink=4), 160),
-    ("qwen2", GistConfig(ratio=2, window=16, num_sink=4), 120),
+    ("qwen2", GistConfig(ratio=2, window=16, num_sink=4, gist_predicts_next=True), 120),
     ("mistral", GistConfig(ratio=3, window=16, num_sink=4), 140),
 ]
 
@@ -78,8 +88,7 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
         # greedy: every generated token is the argmax of the reference logits (gist masked)
         ref_scores = full.clone()
         ref_scores[:, cfg.gist_token_id] = float("-inf")
-        raw_pos = (~unigist.layout.is_gist(torch.arange(seq.shape[0] + 1), cfg)).nonzero().flatten()
-        pred_pos = raw_pos[context:] - 1  # the position whose logits predict each generated token
+        pred_pos = predicting_positions(seq.shape[0], context, cfg, len(res.ids))
         assert ref_scores[pred_pos].argmax(-1).tolist() == res.ids
 
         # the cache bound, at every update of every layer
@@ -114,9 +123,11 @@ def test_memory_stats_and_eviction_really_happen():
                    eviction="strict")
     kv = res.kv
     n = kv["seen_tokens"]
-    # The last forward fed the sampled token (and a gist when one closed its group) at `start`;
+    # The last forward fed the sampled token (and a gist, after it or before it by the label
+    # convention, when one closed its group) from `start` on;
     # strict eviction had left only sinks + gists + window as seen from `start`.
-    start = n - 2 if cfg.is_gist(n - 1) else n - 1
+    gist_in_last = cfg.is_gist(n - 1) if cfg.gist_predicts_next else cfg.is_gist(n - 2)  # [tok, gist] / [gist, tok]
+    start = n - 2 if gist_in_last else n - 1
     visible = sum(1 for p in range(start) if p < 4 or p % 5 == 4 or start - p < 16)
     assert kv["cache_length"] == visible + (n - start)
     row = 2 * 1 * 2 * 16 * 4  # k+v, batch 1, 2 kv heads, head_dim 16, float32
@@ -255,12 +266,11 @@ def test_generation_config_and_transformers_processors():
                    output_logits=True)
     assert rep.ids != greedy.ids and cfg.gist_token_id not in rep.ids
     prompt_ids = tok(prompt)["input_ids"]
-    n = rep.sequence.shape[0]
-    raw_pos = (~unigist.layout.is_gist(torch.arange(n + 1), cfg)).nonzero().flatten()[len(prompt_ids):]
+    pred_pos = predicting_positions(rep.sequence.shape[0], len(prompt_ids), cfg, len(rep.ids))
     penalty = RepetitionPenaltyLogitsProcessor(1.5)
     for i, tok_id in enumerate(rep.ids):  # each token: argmax of the penalised logits of the raw history
         history = torch.tensor([prompt_ids + rep.ids[:i]])
-        scores = penalty(history, rep.logits[raw_pos[i] - 1][None].clone())
+        scores = penalty(history, rep.logits[pred_pos[i]][None].clone())
         scores[0, cfg.gist_token_id] = float("-inf")
         assert int(scores.argmax()) == tok_id, i
     # min_p / top_k sampling: reproducible with a generator, top_k=1 is greedy
@@ -366,9 +376,7 @@ def test_gist_memory_only_convention_generates_exactly(context, seed):
         assert rel_err(res.logits, full) < 1e-5
         scores = full.clone()
         scores[:, cfg.gist_token_id] = float("-inf")
-        raw_pos = (~unigist.layout.is_gist(torch.arange(seq.shape[0] + 1), cfg)).nonzero().flatten()[context:]
-        pred_pos = raw_pos - 1
-        pred_pos = torch.where(unigist.layout.is_gist(pred_pos, cfg), pred_pos - 1, pred_pos)  # skip the gist
+        pred_pos = predicting_positions(seq.shape[0], context, cfg, len(res.ids))
         assert scores[pred_pos].argmax(-1).tolist() == res.ids
         ids[chunk] = res.ids
     assert ids[1] == ids[9] == ids[500]
@@ -413,10 +421,11 @@ def test_stop_strings_end_generation():
     assert stopped.ids == greedy.ids[: i + 1], (piece, greedy.ids)
 
 
-def test_batch_with_gist_memory_only_convention():
+def test_batch_with_the_predicting_gist_convention():
     model = tiny_model("mistral")
-    cfg = patch_model(model, None, GistConfig(ratio=3, window=10, num_sink=2, gist_predicts_next=False))
+    cfg = patch_model(model, None, GistConfig(ratio=3, window=10, num_sink=2, gist_predicts_next=True))
     prompts = [torch.randint(0, cfg.gist_token_id, (n,)).tolist() for n in (30, 17, 24)]
     out = generate(model, prompts, max_new_tokens=11, chunk_size=8, progress=False, eos_token_id=[])
     for p, r in zip(prompts, out):
-        assert r.ids == generate(model, p, max_new_tokens=11, chunk_size=8, progress=False, eos_token_id=[]).ids
+        alone = generate(model, p, max_new_tokens=11, chunk_size=8, progress=False, eos_token_id=[])
+        assert r.ids == alone.ids and torch.equal(r.sequence, alone.sequence)

@@ -173,11 +173,17 @@ def test_cuda_autocast_training_uses_the_kernel(seed, monkeypatch):
 
 
 def test_collator_layout():
-    cfg = GistConfig(ratio=2, window=8, num_sink=1, gist_token_id=99)
+    cfg = GistConfig(ratio=2, window=8, num_sink=1, gist_token_id=99, gist_predicts_next=True)
     collate = GistCollator(cfg, pad_token_id=7, pad_to_multiple_of=4)
-    out = collate([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}, [10, 11]])
+    examples = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}, [10, 11]]
+    out = collate(examples)
     assert out["input_ids"].tolist() == [[1, 2, 99, 3, 4, 99, 5, 7], [10, 11, 99, 7, 7, 7, 7, 7]]
     assert out["labels"].tolist() == [[-100, 2, -100, 3, 4, -100, 5, -100], [10, 11, -100, -100, -100, -100, -100, -100]]
+    # the memory-only gist (the default): the label after a gist moves onto the gist's slot, so the
+    # raw token before the gist (shifted by one in the loss) predicts it; the gist's output is untrained
+    out = GistCollator(cfg.replace(gist_predicts_next=False), pad_token_id=7, pad_to_multiple_of=4)(examples)
+    assert out["input_ids"].tolist() == [[1, 2, 99, 3, 4, 99, 5, 7], [10, 11, 99, 7, 7, 7, 7, 7]]
+    assert out["labels"].tolist() == [[-100, 2, 3, -100, 4, 5, -100, -100], [10, 11, -100, -100, -100, -100, -100, -100]]
     assert out["position_ids"].tolist() == [list(range(8))] * 2
     assert "attention_mask" not in out
     with pytest.raises(ValueError, match="gist_token_id"):

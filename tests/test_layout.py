@@ -47,7 +47,7 @@ def test_is_gist_and_counts():
 
 
 def test_insert_and_remove_gists(seed):
-    cfg = GistConfig(ratio=3, gist_token_id=999)
+    cfg = GistConfig(ratio=3, gist_token_id=999, gist_predicts_next=True)
     ids = torch.randint(0, 500, (2, 17))
     out = layout.insert_gists(ids, cfg)
     n = 17 + 17 // 3

@@ -13,10 +13,11 @@ from unigist.reference import gist_attention_reference
 from conftest import rel_err
 
 
-def random_cache(cfg: GistConfig, rng: random.Random, max_seen: int = 160, max_chunk: int = 40):
+def random_cache(cfg: GistConfig, rng: random.Random, max_seen: int = 160, max_chunk: int = 40, chunk=None):
     """A cache as GistCache leaves it: positions 0..seen-1 seen, evicted (lazily or
     strictly) for a query at evicted_at <= seen, then a chunk of n new positions
-    appended; returns (KeyLayout, number of key rows, q_offset, n)."""
+    appended (n = chunk, or drawn from 1..max_chunk); returns (KeyLayout, number of
+    key rows, q_offset, n). tests/test_cuda_cache_layout.py uses it too."""
     seen = rng.randint(0, max_seen)
     evicted_at = rng.choice([seen, rng.randint(0, seen)])  # strict, or lazy (older holes only)
     pos = torch.arange(seen)
@@ -26,7 +27,7 @@ def random_cache(cfg: GistConfig, rng: random.Random, max_seen: int = 160, max_c
     sinks = min(cfg.num_sink, tail_start)
     first_gist = num_gists(sinks, cfg)
     gists = max(0, num_gists(tail_start, cfg) - first_gist)
-    n = rng.randint(1, max_chunk)
+    n = rng.randint(1, max_chunk) if chunk is None else chunk
     kl = KeyLayout(sinks, gists, first_gist, tail_start)
     nk = sinks + gists + (seen - tail_start) + n
     # The layout describes exactly the kept rows, then the chunk.

@@ -143,6 +143,8 @@ class GistCacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        else:
+            self._check_like_before(key_states, value_states)
         n = key_states.shape[-2]
         start = self.seen
         # Rows no query of this chunk (or later) can see leave before the chunk comes in:
@@ -169,6 +171,24 @@ class GistCacheLayer(CacheLayerMixin):
         self.all_visible = all_visible  # every cached key is visible to the chunk's first query
         self._refresh_views()
         return self.keys, self.values
+
+    def _check_like_before(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The rows of an update must match the cached ones: another batch size, head count,
+        head dim, dtype or device would mean another sequence (or a silent reallocation)."""
+        for name, new, old in (("key", key_states, self._k), ("value", value_states, self._v)):
+            if new.dtype != old.dtype or new.device != old.device:
+                raise ValueError(
+                    f"unigist.GistCache: {name} states are {new.dtype} on {new.device}, but the cache holds "
+                    f"{old.dtype} on {old.device}; use a fresh GistCache (or reset() it) for another model or dtype"
+                )
+            if new.dim() != 4 or new.shape[0] != old.shape[0] or new.shape[1] != old.shape[1] or (
+                new.shape[3] != old.shape[3]
+            ):
+                raise ValueError(
+                    f"unigist.GistCache: {name} states of shape {tuple(new.shape)} do not match the cache's "
+                    f"[batch={old.shape[0]}, heads={old.shape[1]}, rows, head_dim={old.shape[3]}]; a batch size "
+                    "or head change between updates is a different sequence: use a fresh GistCache or reset() it"
+                )
 
     def key_layout(self) -> KeyLayout:
         """Where the rows sit, by arithmetic: ``[sinks | gists older than the tail | tail]``.
@@ -205,10 +225,12 @@ class GistCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Forget everything, buffers included: the next update may bring another batch size or dtype."""
         self.length = self.seen = self.evicted_at = 0
         self.peak_length = 0
-        if self._k is not None:
-            self._refresh_views()
+        self._k = self._v = self._pos = None
+        self.keys = self.values = None
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("unigist.GistCache cannot be cropped: evicted rows are gone")

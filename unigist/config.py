@@ -25,11 +25,15 @@ class GistConfig:
         gist_token: text of the special gist token added to a tokenizer.
         gist_token_id: its id, once known (set by :func:`unigist.patch_model`).
         gist_predicts_next: which output predicts the raw token that follows a gist.
-            True: the gist's own output (the gist closes its group and reads the next
-            token off it). False: the raw token before the gist predicts it and the gist
-            is memory only (no label, its logits never read). Training labels
+            False (default): the raw token before the gist predicts it and the gist is
+            memory only (no label, its logits never read). True: the gist's own output
+            (the gist closes its group and the next token is read off it). Training labels
             (:func:`unigist.layout.insert_gists`, :class:`unigist.GistCollator`) and
-            :func:`unigist.generate` both follow it.
+            :func:`unigist.generate` both follow it. The default is the CPU quality study's
+            choice (``benchmarks/results/quality_cpu.md``): on the same runs the memory-only
+            gist recalled as well overall and better on answers right after a gist, with a
+            lower training loss in every seed. A saved config without this field (older
+            unigist) reads back as True, the convention it was trained with.
 
     The mask over the interleaved sequence (query ``i``, key ``j``) is
     ``j <= i and (j < num_sink or is_gist(j) or i - j < window)``.
@@ -40,7 +44,7 @@ class GistConfig:
     num_sink: int = 128
     gist_token: str = "<|gist|>"
     gist_token_id: Optional[int] = None
-    gist_predicts_next: bool = True
+    gist_predicts_next: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("ratio", 1), ("window", 1), ("num_sink", 0)):

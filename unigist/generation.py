@@ -14,6 +14,7 @@ gist). The gist token is never emitted (its logit is masked).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -188,6 +189,50 @@ def _logits_processors(cfg: GenerationConfig, gist_id: int) -> LogitsProcessorLi
     return procs
 
 
+class _Sampler:
+    """Picks each new token as transformers' generate would (its processors on the raw history,
+    greedy or multinomial) and says when a row must stop (EOS, length, stop strings)."""
+
+    def __init__(self, gen_cfg: GenerationConfig, tokenizer, gist_id: int, eos_token_id, max_new_tokens: int,
+                 generator: Optional[torch.Generator]):
+        self.do_sample = bool(gen_cfg.do_sample)
+        self.eos = _eos_ids(gen_cfg, tokenizer, eos_token_id)
+        self.processors = _logits_processors(gen_cfg, gist_id)
+        self.stopping = StoppingCriteriaList()
+        if gen_cfg.stop_strings:
+            self.stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_cfg.stop_strings))
+        self.max_new_tokens = max_new_tokens
+        self.generator = generator
+
+    def __call__(self, history: torch.Tensor, logits: torch.Tensor, n_new: int) -> tuple[int, torch.Tensor, bool]:
+        """``(token, history with it, stop)`` for raw ``history [1, L]`` and next-token ``logits``;
+        ``n_new`` tokens were generated before this one."""
+        scores = self.processors(history, logits.float()[None])
+        if self.do_sample:
+            tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator))
+        else:
+            tok = int(scores.argmax(-1))
+        history = torch.cat([history, history.new_tensor([[tok]])], dim=1)
+        stop = tok in self.eos or n_new + 1 >= self.max_new_tokens or bool(self.stopping(history, scores).any())
+        return tok, history, stop
+
+
+def _result(raw, ids, tokenizer, fed, cache, prefill_s, decode_s, logits) -> GenerationResult:
+    kv = cache.stats()
+    kv["compression"] = kv["full_cache_bytes"] / kv["kv_bytes"] if kv["kv_bytes"] else 1.0
+    return GenerationResult(
+        ids=ids,
+        text=tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None,
+        prompt_tokens=int(raw.shape[0]),
+        sequence=torch.cat([t.cpu() for t in fed]),
+        kv=kv,
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+        decode_tokens_per_s=(len(ids) / decode_s) if decode_s > 0 else float("inf"),
+        logits=torch.cat([t.cpu() for t in logits]) if logits is not None else None,
+    )
+
+
 class _Streamer:
     """Feeds new tokens to an HF streamer (``put``/``end``) or a callback ``f(token_id, text)``."""
 
@@ -341,6 +386,29 @@ def generate(
                          decode_progress, eos_token_id, generator, output_logits, eviction)
 
 
+def _now(device: torch.device) -> float:
+    """A timestamp after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def _session(model):
+    """Eval mode and a list for tqdm bars during one generate call; afterwards the bars
+    are closed and the model's training mode comes back."""
+    bars: list = []
+    was_training = model.training
+    model.eval()
+    try:
+        yield bars
+    finally:
+        for bar in bars:
+            bar.close()
+        if was_training:
+            model.train()
+
+
 def _prefill(model, gcfg: GistConfig, raw: torch.Tensor, max_new_tokens: int, chunk_size: Optional[int],
              progress: bool, output_logits: bool, eviction: str, bars: list):
     """Feed the prompt ``raw`` (gists inserted) in chunks into a fresh :class:`GistCache`.
@@ -405,15 +473,8 @@ def _generate_one(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer,
                   eos_token_id, generator, output_logits: bool, eviction: str) -> GenerationResult:
     device = raw.device
     gist_id = gcfg.gist_token_id
-    eos = _eos_ids(gen_cfg, tokenizer, eos_token_id)
-    processors = _logits_processors(gen_cfg, gist_id)
-    stopping = StoppingCriteriaList()
-    if gen_cfg.stop_strings:
-        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_cfg.stop_strings))
-    was_training = model.training
-    model.eval()
-    bars: list = []
-    try:
+    sampler = _Sampler(gen_cfg, tokenizer, gist_id, eos_token_id, max_new_tokens, generator)
+    with _session(model) as bars:
         # ---------------------------------------------------------------- prefill
         t0 = time.perf_counter()
         cache, x, all_logits, next_logits, forward = _prefill(
@@ -421,9 +482,7 @@ def _generate_one(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer,
         )
         fed: List[torch.Tensor] = [x]
         n_prompt = x.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
+        t1 = _now(device)
 
         # ----------------------------------------------------------------- decode
         stream = _Streamer(streamer, tokenizer, raw)
@@ -435,21 +494,19 @@ def _generate_one(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer,
         new_ids: List[int] = []
         pos = n_prompt
         while len(new_ids) < max_new_tokens:
-            scores = processors(history, next_logits.float()[None])
-            if gen_cfg.do_sample:
-                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
-            else:
-                tok = int(scores.argmax(-1))
+            tok, history, stop = sampler(history, next_logits, len(new_ids))
             new_ids.append(tok)
             stream.put(tok)
-            history = torch.cat([history, history.new_tensor([[tok]])], dim=1)
             if dbar is not None:
                 dbar.update(1)
-            if tok in eos or len(new_ids) == max_new_tokens or bool(stopping(history, scores).any()):
+            if stop:
                 break
-            feed = [tok]
-            if gcfg.is_gist(pos + 1):
-                feed.append(gist_id)  # the gist closes this group
+            if gcfg.gist_predicts_next:
+                # The gist that closes this group goes in with the token: its output predicts next.
+                feed = [tok, gist_id] if gcfg.is_gist(pos + 1) else [tok]
+            else:
+                # The token predicts next; a gist due before it goes in with it (none after the last).
+                feed = [gist_id, tok] if gcfg.is_gist(pos) else [tok]
             feed_t = torch.tensor(feed, device=device)
             fed.append(feed_t)
             logits = forward(feed_t, pos)
@@ -458,29 +515,8 @@ def _generate_one(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer,
             pos += len(feed)
             next_logits = _predictor(gcfg, logits, pos)
         stream.end()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-    finally:
-        for b in bars:
-            b.close()
-        if was_training:
-            model.train()
-
-    kv = cache.stats()
-    kv["compression"] = kv["full_cache_bytes"] / kv["kv_bytes"] if kv["kv_bytes"] else 1.0
-    decode_s = t2 - t1
-    return GenerationResult(
-        ids=new_ids,
-        text=tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else None,
-        prompt_tokens=int(raw.shape[0]),
-        sequence=torch.cat(fed).cpu(),
-        kv=kv,
-        prefill_seconds=t1 - t0,
-        decode_seconds=decode_s,
-        decode_tokens_per_s=(len(new_ids) / decode_s) if decode_s > 0 else float("inf"),
-        logits=torch.cat(all_logits).cpu() if output_logits else None,
-    )
+        t2 = _now(device)
+    return _result(raw, new_ids, tokenizer, fed, cache, t1 - t0, t2 - t1, all_logits if output_logits else None)
 
 
 def _generate_batch(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenizer, raws: List[torch.Tensor],
@@ -491,31 +527,23 @@ def _generate_batch(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenize
     token, or a gist when one closes the row's group) through :class:`GistCacheRows`."""
     device = raws[0].device
     gist_id = gcfg.gist_token_id
-    eos = _eos_ids(gen_cfg, tokenizer, eos_token_id)
-    processors = _logits_processors(gen_cfg, gist_id)
-    stopping = StoppingCriteriaList()
-    if gen_cfg.stop_strings:
-        stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_cfg.stop_strings))
-    params = _forward_parameters(model)
-    keep_kw = "logits_to_keep" in params
-    was_training = model.training
-    model.eval()
+    sampler = _Sampler(gen_cfg, tokenizer, gist_id, eos_token_id, max_new_tokens, generator)
+    keep_kw = "logits_to_keep" in _forward_parameters(model)
 
     def predicts(p: int) -> bool:
         """Whether the output at position ``p`` predicts the next raw token."""
         return not gcfg.is_gist(p + 1) if gcfg.gist_predicts_next else not gcfg.is_gist(p)
 
     rows = []
-    bars: list = []
-    try:
+    with _session(model) as bars:
         for raw in raws:
-            t = time.perf_counter()
+            start = time.perf_counter()
             cache, x, logits, next_logits, _ = _prefill(
                 model, gcfg, raw, max_new_tokens, chunk_size, progress, output_logits, eviction, bars
             )
             rows.append(dict(raw=raw, cache=cache, next_logits=next_logits, pos=x.shape[0], fed=[x],
-                             logits=[t.cpu() for t in logits], history=raw[None], ids=[], pending=None,
-                             done=max_new_tokens == 0, prefill_s=time.perf_counter() - t))
+                             logits=[piece.cpu() for piece in logits], history=raw[None], ids=[], pending=None,
+                             done=max_new_tokens == 0, prefill_s=_now(device) - start))
         t1 = time.perf_counter()
         dbar = None
         if decode_progress and max_new_tokens > 0:
@@ -524,18 +552,11 @@ def _generate_batch(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenize
         group = GistCacheRows([row["cache"] for row in rows])
 
         def sample(row, logits: torch.Tensor) -> None:
-            scores = processors(row["history"], logits.float()[None])
-            if gen_cfg.do_sample:
-                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
-            else:
-                tok = int(scores.argmax(-1))
+            tok, row["history"], row["done"] = sampler(row["history"], logits, len(row["ids"]))
             row["ids"].append(tok)
-            row["history"] = torch.cat([row["history"], row["history"].new_tensor([[tok]])], dim=1)
             row["pending"] = tok
             if dbar is not None:
                 dbar.update(1)
-            if tok in eos or len(row["ids"]) == max_new_tokens or bool(stopping(row["history"], scores).any()):
-                row["done"] = True
 
         for row in rows:
             if not row["done"]:
@@ -568,29 +589,9 @@ def _generate_batch(model, gcfg: GistConfig, gen_cfg: GenerationConfig, tokenize
                 row["pos"] = p + 1
                 if predicts(p):
                     sample(row, logits[b])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-    finally:
-        for bar in bars:
-            bar.close()
-        if was_training:
-            model.train()
-
-    results = []
-    for row in rows:
-        kv = row["cache"].stats()
-        kv["compression"] = kv["full_cache_bytes"] / kv["kv_bytes"] if kv["kv_bytes"] else 1.0
-        ids = row["ids"]
-        results.append(GenerationResult(
-            ids=ids,
-            text=tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None,
-            prompt_tokens=int(row["raw"].shape[0]),
-            sequence=torch.cat(row["fed"]).cpu(),
-            kv=kv,
-            prefill_seconds=row["prefill_s"],
-            decode_seconds=t2 - t1,
-            decode_tokens_per_s=(len(ids) / (t2 - t1)) if t2 > t1 else float("inf"),
-            logits=torch.cat(row["logits"]) if output_logits else None,
-        ))
-    return results
+        t2 = _now(device)
+    return [
+        _result(row["raw"], row["ids"], tokenizer, row["fed"], row["cache"], row["prefill_s"], t2 - t1,
+                row["logits"] if output_logits else None)
+        for row in rows
+    ]

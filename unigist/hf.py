@@ -116,6 +116,9 @@ def _stored_gist_config(model_config) -> Optional[GistConfig]:
         return stored
     if not isinstance(stored, dict):
         raise TypeError(f"model.config.unigist_config must be a dict, got {type(stored).__name__}")
+    if "gist_predicts_next" not in stored:
+        # Saved before the option existed: those models were trained with the gist predicting.
+        stored = {**stored, "gist_predicts_next": True}
     try:
         return _gist_config_from_items(tuple(sorted(stored.items())))
     except TypeError as e:

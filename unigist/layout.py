@@ -113,7 +113,7 @@ def insert_gists(
         # each label that follows a gist onto the gist's slot, so the raw token before
         # the gist predicts it and the gist's output is never trained.
         r = _ratio(config)
-        gists = torch.arange(r, n - 1, r + 1, device=input_ids.device)  # gists followed by a raw slot
+        gists = torch.arange(r, max(r, n - 1), r + 1, device=input_ids.device)  # gists followed by a raw slot
         out_labels[..., gists] = out_labels[..., gists + 1]
         out_labels[..., gists + 1] = -100
     position_ids = torch.arange(n, device=input_ids.device).expand(*input_ids.shape[:-1], n)
