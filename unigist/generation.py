@@ -5,11 +5,13 @@ tokens one gist token is fed (the same layout training used). The prefill runs
 in chunks of ``chunk_size`` interleaved positions (any size; the result does not
 depend on it), each chunk attending to the compressed cache, which drops the raw
 tokens no query can see any more as new rows come in (the :class:`GistCache`
-alone decides when). Decoding goes token by token; whenever the next position is
-a gist position the gist token is fed together with the sampled token (one
-forward pass), and the next raw token is predicted from the gist's output (or,
-with ``GistConfig.gist_predicts_next=False``, from the raw token before the
-gist). The gist token is never emitted (its logit is masked).
+alone decides when). Decoding goes token by token, one forward pass per token;
+a gist due at the next position goes in the same pass. By default
+(``GistConfig.gist_predicts_next=False``) the gist is memory only: the sampled
+token is read off the raw token before it, and the gist goes in with the next
+token. With ``gist_predicts_next=True`` the gist goes in right after the token
+that closes its group and the next token is read off the gist's output. The
+gist token is never emitted (its logit is suppressed).
 """
 
 from __future__ import annotations
