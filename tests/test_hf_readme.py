@@ -26,7 +26,7 @@ def readme_block(section: str) -> str:
 CHECK_QUICKSTART = """
 assert loss.grad_fn is None or loss.requires_grad
 assert result.kv["cache_length"] < result.kv["seen_tokens"], result.kv   # the cache really evicted
-assert len(result.ids) == 16 and isinstance(result.text, str)
+assert 1 <= len(result.ids) <= 16 and isinstance(result.text, str)  # a random model may hit </s> early
 _before = unigist.generate(model, tokenizer, "the cat sat on the mat", max_new_tokens=8, progress=False).text
 print("QUICKSTART OK")
 """
