@@ -311,6 +311,8 @@ def generate(
             returns a list of results, each equal to generating that prompt alone: each
             prompt is prefilled into a compressed cache of its own, then all decode together,
             one forward pass per step for the batch (see :class:`unigist.cache.GistCacheRows`).
+            With sampling the rows draw from one generator, row after row, so a sampled
+            batch does not repeat the samples of separate calls (greedy results do).
         max_new_tokens: raw tokens to generate at most (default: the generation config's
             ``max_new_tokens``, else 128); stops early at EOS or a stop string.
         chunk_size: interleaved positions per prefill forward pass (any size >= 1, ``None``:
