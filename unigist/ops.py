@@ -4,6 +4,7 @@ trace them."""
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Optional
@@ -46,8 +47,14 @@ def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: in
     CPU takes float32/float64/bfloat16/float16 and any head dim, CUDA (when this build
     has CUDA kernels) bfloat16/float16 with head dim 64 or 128.
     """
-    device_type = torch.device(device).type
-    return bool(torch.ops.unigist.kernel_supports(device_type, dtype, int(head_dim)))
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _kernel_table(device_type, dtype, int(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_table(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    # The attention function asks at every layer of every decode step; the answer is fixed.
+    return bool(torch.ops.unigist.kernel_supports(device_type, dtype, head_dim))
 
 
 class GistInputError(ValueError, RuntimeError):
