@@ -4,6 +4,9 @@ FlexAttention with the same mask, measured in one run on one GPU.
     python benchmarks/bench_attention.py                 # full table -> benchmarks/results/attention.md
     python benchmarks/bench_attention.py --no-flex --n 8192 32768 --out /tmp/x.md
     python benchmarks/bench_attention.py --n 32768 --append   # replace/add rows, keep the others
+    # training/serving shapes: GQA, D=64, HF's [B, N, H, D] tensors seen as [B, H, N, D]
+    python benchmarks/bench_attention.py --n 4096 8192 --ratio 4 --heads 32 --kv-heads 8 --dim 64 \
+        --window 256 --layout hf --no-flex-shifted --append
 
 Flex runs twice: (c) with the UniGist mask on the interleaved layout, and (d) on
 the gist-shifted layout (tokens permuted inside tiles of --shift-tile positions so
@@ -78,7 +81,7 @@ def mask_nnz(n: int, cfg: GistConfig) -> int:
     return int((sink_end + far + key_end - local_lo).sum())
 
 
-def make_flex(cfg: GistConfig, n: int, device):
+def make_flex(cfg: GistConfig, n: int, device, gqa: bool = False):
     """FlexAttention with the UniGist mask_mod, compiled. The layout numbers are
     Python constants of the mask_mod, so each (N, ratio) compiles its own kernel
     (as a user would write it). With the numbers as captured 0-d tensors instead (no
@@ -87,7 +90,7 @@ def make_flex(cfg: GistConfig, n: int, device):
 
     block_mask = create_block_mask(gist_mask_mod(cfg), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
     flex = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: flex(q, k, v, block_mask=block_mask), block_mask
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa), block_mask
 
 
 def gist_mask_mod(cfg: GistConfig):
@@ -162,23 +165,30 @@ def merged_rows(rows, args):
     <out>.json) that this run did not measure, then this run's; every row keeps
     the date of its run. A table too long for one call is built over several."""
     path = args.out + ".json"
-    keys = {(r["n"], r["r"]) for r in rows}
+    keys = {row_key(r) for r in rows}
     prev = []
     if args.append and os.path.exists(path):
         with open(path) as fh:
-            prev = [r for r in json.load(fh) if (r["n"], r["r"]) not in keys]
+            prev = [r for r in json.load(fh) if row_key(r) not in keys]
         for r in prev:
-            here = (torch.cuda.get_device_name(), torch.__version__, args.shift_tile, args.window, args.sinks)
-            there = (r["device"], r["torch"], r.get("shift_tile"), r.get("window"), r.get("sinks"))
+            here = (torch.cuda.get_device_name(), torch.__version__, args.shift_tile, args.sinks)
+            there = (r["device"], r["torch"], r.get("shift_tile"), r.get("sinks"))
             if here != there:
                 raise SystemExit(
-                    f"--append: {path} holds rows of (device, torch, shift tile, window, sinks) = {there}, "
+                    f"--append: {path} holds rows of (device, torch, shift tile, sinks) = {there}, "
                     f"this run is {here}"
                 )
-    return sorted(prev + rows, key=lambda r: (r["n"], r["r"]))
+    return sorted(prev + rows, key=row_key)
 
 
-def write_table(rows, args, H, D, final=False):
+def row_key(r) -> tuple:
+    """A row is one (shape, layout, N, ratio); rows written before the shape columns
+    existed were all H=32 (MHA), D=128, [B, H, N, D] inputs."""
+    h = r.get("heads", 32)
+    return (r.get("layout", "bhnd"), r.get("dim", 128), h, r.get("kv_heads", h), -r["window"], r["n"], r["r"])
+
+
+def write_table(rows, args, final=False):
     rows = merged_rows(rows, args)
     with open(args.out + ".json", "w") as fh:
         json.dump(rows, fh, indent=1)
@@ -194,20 +204,24 @@ def write_table(rows, args, H, D, final=False):
         "",
         f"- device: {torch.cuda.get_device_name()}",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, date {', '.join(sorted({r['date'] for r in rows}))}",
-        f"- B=1, H={H}, D={D}, bf16, window {args.window}, {args.sinks} sinks; times are medians in ms "
+        f"- B=1, bf16, {args.sinks} sinks; times are medians in ms "
         f"(triton.testing.do_bench, {WARMUP_MS} ms warmup, {REP_MS} ms timed, L2 flushed before each call); "
         "all columns of a row measured in one run"
         + ("" if len({r["date"] for r in rows}) == 1 else " (rows from runs at the dates above, see the .json)"),
         "- TFLOP/s count only the mask's non-zeros: 4*D*nnz per head forward, 3.5x that for forward+backward",
         "- speedup columns: other method's time / unigist's time (>1 means unigist is faster)",
+        "- H/Hkv: query/key-value heads (SDPA and Flex with enable_gqa where Hkv < H); layout `bhnd`: contiguous "
+        "[B, H, N, D] tensors; `hf`: HF's [B, N, H, D] projections seen as [B, H, N, D] (transposed views, "
+        "dout too), as the attention of a transformers model receives them",
         "",
-        "| N | r | mask density | unigist fwd | TF/s | SDPA causal fwd | Flex fwd | vs SDPA | vs Flex "
+        "| layout | H/Hkv | D | window | N | r | mask density | unigist fwd | TF/s | SDPA causal fwd | Flex fwd | vs SDPA | vs Flex "
         "| unigist fwd+bwd | TF/s | SDPA fwd+bwd | Flex fwd+bwd | vs SDPA | vs Flex |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        h = r.get("heads", 32)
         lines.append(
-            f"| {r['n']} | {r['r']} | {r['density']:.3f} | {f(r['ug_f'])} | {f(r['tflops_f'], '{:.0f}')} "
+            f"| {r.get('layout', 'bhnd')} | {h}/{r.get('kv_heads', h)} | {r.get('dim', 128)} | {r['window']} | {r['n']} | {r['r']} | {r['density']:.3f} | {f(r['ug_f'])} | {f(r['tflops_f'], '{:.0f}')} "
             f"| {f(r['sdpa_f'])} | {f(r['fx_f'])} | {ratio(r['sdpa_f'], r['ug_f'])} | {ratio(r['fx_f'], r['ug_f'])} "
             f"| {f(r['ug_fb'])} | {f(r['tflops_fb'], '{:.0f}')} | {f(r['sdpa_fb'])} | {f(r['fx_fb'])} "
             f"| {ratio(r['sdpa_fb'], r['ug_fb'])} | {ratio(r['fx_fb'], r['ug_fb'])} |"
@@ -245,7 +259,14 @@ def main(argv=None):
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--ratio", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default: --heads")
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument(
+        "--layout",
+        default="bhnd",
+        choices=["bhnd", "hf"],
+        help="hf: q/k/v/dout are transposed views of [B, N, H, D] tensors, as HF attention gets them",
+    )
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--no-flex", action="store_true", help="leave out both Flex columns")
@@ -272,6 +293,19 @@ def main(argv=None):
     dev = torch.device("cuda")
     dt = torch.bfloat16
     H, D = args.heads, args.dim
+    Hkv = args.kv_heads or H
+    if H % Hkv:
+        raise SystemExit(f"--heads {H} is not a multiple of --kv-heads {Hkv}")
+    gqa = Hkv != H
+
+    def inputs(n, heads, grad):
+        """A [1, heads, n, D] tensor (a transposed view for --layout hf) and its leaf."""
+        if args.layout == "hf":
+            leaf = torch.randn(1, n, heads, D, device=dev, dtype=dt, requires_grad=grad)
+            return leaf.transpose(1, 2), leaf
+        leaf = torch.randn(1, heads, n, D, device=dev, dtype=dt, requires_grad=grad)
+        return leaf, leaf
+
     rows = []
     stamp = _stamp()
     sdpa_cache = {}
@@ -289,18 +323,18 @@ def main(argv=None):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
         return 0
     for n in args.n:
-        q = torch.randn(1, H, n, D, device=dev, dtype=dt, requires_grad=True)
-        k = torch.randn(1, H, n, D, device=dev, dtype=dt, requires_grad=True)
-        v = torch.randn(1, H, n, D, device=dev, dtype=dt, requires_grad=True)
-        dout = torch.randn(1, H, n, D, device=dev, dtype=dt)
+        (q, ql), (k, kl), (v, vl) = inputs(n, H, True), inputs(n, Hkv, True), inputs(n, Hkv, True)
+        dout, _ = inputs(n, H, False)
+        leaves = [ql, kl, vl]
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
         with torch.no_grad():
-            sdpa_f = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            sdpa_f = bench_ms(lambda: sdpa(q, k, v))
         sdpa_fb = None
         if not args.no_bwd:
-            sdpa_fb = bench_ms(
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout),
-                grad_to_none=[q, k, v],
-            )
+            sdpa_fb = bench_ms(lambda: sdpa(q, k, v).backward(dout), grad_to_none=leaves)
         sdpa_cache[n] = (sdpa_f, sdpa_fb)
         for r in args.ratio:
             cfg = GistConfig(ratio=r, window=args.window, num_sink=args.sinks)
@@ -309,16 +343,18 @@ def main(argv=None):
                 ug_f = bench_ms(lambda: unigist.gist_attention(q, k, v, cfg))
             ug_fb = None
             if not args.no_bwd:
-                ug_fb = bench_ms(lambda: unigist.gist_attention(q, k, v, cfg).backward(dout), grad_to_none=[q, k, v])
+                ug_fb = bench_ms(lambda: unigist.gist_attention(q, k, v, cfg).backward(dout), grad_to_none=leaves)
             fx_f = fx_fb = None
             shifted = dict(fs_f=None, fs_fb=None, perm_ms=None, blocks_il=None, blocks_sh=None)
             if not args.no_flex:
-                flex, bm = make_flex(cfg, n, dev)
+                flex, bm = make_flex(cfg, n, dev, gqa)
                 with torch.no_grad():
                     fx_f = bench_ms(lambda: flex(q, k, v))
                 if not args.no_bwd:
-                    fx_fb = bench_ms(lambda: flex(q, k, v).backward(dout), grad_to_none=[q, k, v])
+                    fx_fb = bench_ms(lambda: flex(q, k, v).backward(dout), grad_to_none=leaves)
                 if not args.no_flex_shifted:
+                    if gqa or args.layout != "bhnd":
+                        raise SystemExit("Flex on the shifted layout is measured for MHA bhnd only: add --no-flex-shifted")
                     shifted.update(bench_flex_shifted(cfg, n, args, q, k, v, dout, dev))
                     shifted["blocks_il"] = "{:.2f} ({:.2f})".format(*blocks_visited(bm))
             flops_f = 4.0 * D * nnz * H
@@ -341,9 +377,13 @@ def main(argv=None):
                 shift_tile=args.shift_tile,
                 window=args.window,
                 sinks=args.sinks,
+                heads=H,
+                kv_heads=Hkv,
+                dim=D,
+                layout=args.layout,
             )
             rows.append(row)
-            write_table(rows, args, H, D)
+            write_table(rows, args)
             print(
                 f"N={n:6d} r={r} density={row['density']:.3f} unigist fwd {ug_f:.3f} ms "
                 f"({row['tflops_f']:.0f} TF/s)  sdpa {sdpa_f:.3f}  flex {fx_f}  | fwd+bwd unigist {ug_fb} "
@@ -351,10 +391,10 @@ def main(argv=None):
                 f"(permute {shifted['perm_ms']})",
                 flush=True,
             )
-        del q, k, v, dout
+        del q, k, v, dout, leaves, ql, kl, vl
         torch.cuda.empty_cache()
 
-    write_table(rows, args, H, D, final=True)
+    write_table(rows, args, final=True)
     return 0
 
 

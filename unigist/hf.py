@@ -339,7 +339,15 @@ def unigist_attention_forward(
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
         )
         if _op_supports(query) and (query.device.type == "cpu" or cuda_kernel):
-            out = gist_attention(query, key, value, cfg, softmax_scale=scale, q_offset=q_offset, key_layout=key_layout)
+            if key_layout.is_interleaved:
+                out = gist_attention(query, key, value, cfg, softmax_scale=scale, q_offset=q_offset)
+            else:
+                # The op itself, without gist_attention's Python checks: the cache built this
+                # layout and the C++ entry checks it again. Decoding is bound by per-call host
+                # time, and these checks cost as much as the op's own dispatch.
+                out, _ = torch.ops.unigist.gist_attention_cache_fwd(
+                    query, key, value, cfg.ratio, cfg.window, cfg.num_sink, scale, q_offset, *key_layout
+                )
             return out.transpose(1, 2).contiguous(), None
         if key_layout.is_interleaved and USE_KERNEL_WITH_CACHE and _op_supports(query):
             # Nothing evicted yet (the first prefill chunk): the interleaved kernel.
