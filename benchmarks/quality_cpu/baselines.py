@@ -69,7 +69,9 @@ class EvictionPress:
         if n <= self.budget:
             return
         if self.policy == "streaming":
-            idx = torch.cat([torch.arange(self.num_sink), torch.arange(n - (self.budget - self.num_sink), n)])
+            dev = layer.keys.device
+            idx = torch.cat([torch.arange(self.num_sink, device=dev),
+                             torch.arange(n - (self.budget - self.num_sink), n, device=dev)])
             layer.keys = layer.keys[:, :, idx]
             layer.values = layer.values[:, :, idx]
             return
@@ -91,13 +93,14 @@ class EvictionPress:
         hkv, n = keys.shape[1], keys.shape[2]
         groups = q.shape[1] // hkv
         k = keys[:, :, None].expand(b, hkv, groups, n, hd).reshape(b, hkv * groups, n, hd)
-        att = (q @ k.transpose(-1, -2)) * module.scaling  # [b, hq, w, n]
-        causal = torch.arange(n)[None, :] <= (n - w + torch.arange(w))[:, None]
+        att = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # [b, hq, w, n], float32 scores
+        dev = keys.device
+        causal = torch.arange(n, device=dev)[None, :] <= (n - w + torch.arange(w, device=dev))[:, None]
         att = att.masked_fill(~causal, float("-inf")).softmax(-1)
         score = att.sum(2).view(b, hkv, groups, n).mean(2)[..., : n - w]  # window rows are kept anyway
         pooled = F.max_pool1d(score.reshape(b * hkv, 1, n - w), self.kernel, stride=1, padding=self.kernel // 2)
         top = pooled.reshape(b, hkv, n - w).topk(self.budget - w, dim=-1).indices.sort(-1).values
-        window = torch.arange(n - w, n).expand(b, hkv, w)
+        window = torch.arange(n - w, n, device=dev).expand(b, hkv, w)
         return torch.cat([top, window], dim=-1)
 
 
@@ -116,10 +119,11 @@ def _chunk_mask(cached: int, c: int, start: int, window: Optional[tuple]) -> tor
 
 def _forward(model, cache, ids: torch.Tensor, start: int, window: Optional[tuple] = None) -> torch.Tensor:
     cached = cache.get_seq_length()
+    dev = model.get_input_embeddings().weight.device
     out = model(
-        input_ids=ids[None],
-        position_ids=torch.arange(start, start + ids.shape[0])[None],
-        attention_mask=_chunk_mask(cached, ids.shape[0], start, window),
+        input_ids=ids[None].to(dev),
+        position_ids=torch.arange(start, start + ids.shape[0], device=dev)[None],
+        attention_mask=_chunk_mask(cached, ids.shape[0], start, window).to(dev),
         cache=cache,
         use_cache=True,
     )
@@ -161,4 +165,4 @@ def evict_generate(model, prompt: torch.Tensor, max_new_tokens: int, policy: str
             rows.append(_forward(model, cache, torch.tensor([tok]), pos, win))
             pos += 1
     press.peak = max(press.peak, cache.get_seq_length())
-    return new, torch.cat(rows).float(), press.peak
+    return new, torch.cat(rows).float().cpu(), press.peak

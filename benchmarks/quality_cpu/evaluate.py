@@ -94,7 +94,7 @@ def evaluate_method(model, method: str, gcfg, samples: List[Sample], task: TaskC
             # the same raw tokens per chunk as the baselines (plus their gists)
             res = unigist.generate(model, prompt, max_new_tokens=task.passkey_len, output_logits=True,
                                    chunk_size=interleaved_length(chunk_size, gcfg.ratio), progress=False)
-            new, logits = res.ids, res.logits
+            new, logits = res.ids, res.logits.float().cpu()
             rows = predictor_rows(len(s.ids), gcfg)
             peak = res.kv["peak_cache_length"]
         r = _score(s, logits, rows, new, vocab_size, task)

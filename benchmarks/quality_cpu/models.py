@@ -13,6 +13,7 @@ only in the attention mask (and, for gist variants, the gist tokens the mask nee
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class ModelConfig:
     heads: int = 4
     mlp: int = 512
     num_sink: int = 2
+    kv_heads: Optional[int] = None  # None: = heads (no GQA)
+    max_positions: int = 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ def window_size(task: TaskConfig, mcfg: ModelConfig) -> int:
     return gist_budget(nominal_prompt_len(task), task, mcfg, 4) - mcfg.num_sink
 
 
+@functools.lru_cache(maxsize=16)  # the window control builds one per batch; read-only
 def window_mask(n: int, window: int, num_sink: int) -> torch.Tensor:
     """``[n, n]`` bool: query i sees key j iff ``j <= i and (j < num_sink or i - j < window)``."""
     i = torch.arange(n)[:, None]
@@ -96,8 +100,8 @@ def build_model(name: str, task: TaskConfig, mcfg: ModelConfig, seed: int):
 
     cfg = LlamaConfig(
         vocab_size=task.vocab.size, hidden_size=mcfg.hidden, intermediate_size=mcfg.mlp,
-        num_hidden_layers=mcfg.layers, num_attention_heads=mcfg.heads, num_key_value_heads=mcfg.heads,
-        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1,
+        num_hidden_layers=mcfg.layers, num_attention_heads=mcfg.heads, num_key_value_heads=mcfg.kv_heads or mcfg.heads,
+        max_position_embeddings=mcfg.max_positions, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1,
         eos_token_id=None,
     )
     cfg._attn_implementation = "sdpa"
@@ -152,9 +156,22 @@ def weighted_loss(model, batch: Dict[str, torch.Tensor], answer_weight: float) -
     return (ce * w).sum() / w.sum()
 
 
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    """``batch`` on ``device``; a broadcast (expanded) mask is moved once and expanded there."""
+    out = {}
+    for k, v in batch.items():
+        if v.dim() > 0 and v.stride(0) == 0:
+            out[k] = v[:1].to(device, non_blocking=True).expand(v.shape)
+        else:
+            out[k] = v.to(device, non_blocking=True)
+    return out
+
+
 def train(model, gcfg, stream: List[List[torch.Tensor]], tcfg: TrainConfig,
-          log: Optional[Callable[[int, float], None]] = None, log_every: int = 50) -> List[float]:
-    """Plain AdamW loop, warmup + cosine; returns the loss of every step."""
+          log: Optional[Callable[[int, float], None]] = None, log_every: int = 50,
+          autocast_dtype: Optional[torch.dtype] = None) -> List[float]:
+    """Plain AdamW loop, warmup + cosine; returns the loss of every step. Batches go to the
+    model's device; on CUDA ``autocast_dtype`` (e.g. bfloat16) runs the forward under autocast."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
@@ -169,10 +186,13 @@ def train(model, gcfg, stream: List[List[torch.Tensor]], tcfg: TrainConfig,
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
+    device = next(model.parameters()).device
+    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     losses = []
     for step in range(steps):
-        batch = collate(stream[step], gcfg, getattr(model, "quality_window", None))
-        loss = weighted_loss(model, batch, tcfg.answer_weight)
+        batch = to_device(collate(stream[step], gcfg, getattr(model, "quality_window", None)), device)
+        with amp:
+            loss = weighted_loss(model, batch, tcfg.answer_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -17,6 +17,7 @@ LABELS = {
     "gist_r4_prev": "UniGist r=4, raw-before-gist predicts",
     "gist_r8": "UniGist r=8",
     "gist_r8_prev": "UniGist r=8, raw-before-gist predicts",
+    "ft_gist_r4_prev": "UniGist r=4 (raw-before-gist), fine-tuned from the full model",
     "window": "Window-only mask, trained (r=4 budget)",
     "streaming": "StreamingLLM on full model (r=4 budget)",
     "snapkv": "SnapKV on full model (r=4 budget)",
@@ -25,6 +26,7 @@ ORDER = list(LABELS)
 STYLE = {
     "full": ("black", "-", "o"), "gist_r4": ("tab:blue", "-", "s"), "gist_r4_prev": ("tab:blue", "--", "s"),
     "gist_r8": ("tab:green", "-", "^"), "gist_r8_prev": ("tab:green", "--", "^"),
+    "ft_gist_r4_prev": ("tab:cyan", "-.", "X"),
     "window": ("tab:red", "-", "v"), "streaming": ("tab:orange", ":", "D"), "snapkv": ("tab:purple", ":", "P"),
 }
 
@@ -135,6 +137,7 @@ def plot(agg: Dict[str, Dict], path: str, title: str = "", chance: Dict[str, flo
             ax.axhline(100 * chance[key], color="0.5", ls="--", lw=1)
             ax.text(3.4, 100 * chance[key] + 1, "chance", fontsize=8, color="0.4", ha="right")
         ax.set_xticks(x, [f"{b} W" for b in BIN_NAMES])
+        ax.set_xlim(-0.4, 3.4)  # fixed, so a bin without samples (nan) does not rescale the axis
         ax.set_xlabel("distance of the needed tokens (multiples of the raw window W)")
         ax.set_title(name)
         ax.grid(alpha=0.3)

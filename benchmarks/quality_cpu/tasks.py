@@ -20,8 +20,9 @@ Distances are in raw tokens (gists are not counted); bins are multiples of the r
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -68,6 +69,8 @@ class TaskConfig:
     vocab: Vocab = field(default_factory=Vocab)
     markov_seed: int = 1234  # the "language" (same for every run)
     successors: int = 4
+    # probability of each distance bin when a distance is drawn (None: uniform, 1/4 each)
+    bin_weights: Optional[Tuple[float, float, float, float]] = None
 
     def bins(self) -> List[Tuple[int, int]]:
         w = self.window
@@ -107,20 +110,23 @@ class Generator:
         self.rng = np.random.default_rng(seed)
         self.succ, self.probs = markov_table(cfg)
         self.cum = np.cumsum(self.probs, axis=1)
+        self._cum_list, self._succ_list = self.cum.tolist(), self.succ.tolist()
 
     def _filler(self, n: int) -> np.ndarray:
-        v, rng = self.cfg.vocab, self.rng
+        v, rng, last = self.cfg.vocab, self.rng, self.cfg.successors - 1
         out = np.empty(n, dtype=np.int64)
-        cur = rng.integers(v.num_filler)
-        u = rng.random(n)
+        cur = int(rng.integers(v.num_filler))
+        u = rng.random(n).tolist()
+        cum, succ = self._cum_list, self._succ_list  # Python lists: bisect_left == np.searchsorted, faster per call
         for i in range(n):
             out[i] = cur
-            cur = self.succ[cur, min(int(np.searchsorted(self.cum[cur], u[i])), self.cfg.successors - 1)]
+            cur = succ[cur][min(bisect_left(cum[cur], u[i]), last)]
         return out + v.filler0
 
     def _distance(self, least: int = 2) -> Tuple[int, int]:
         while True:
-            b = int(self.rng.integers(4))
+            w = self.cfg.bin_weights
+            b = int(self.rng.integers(4)) if w is None else int(self.rng.choice(4, p=np.asarray(w) / sum(w)))
             lo, hi = self.cfg.bins()[b]
             if max(lo, least) < hi:
                 return b, int(self.rng.integers(max(lo, least), hi))
