@@ -118,14 +118,19 @@ def _chunk_mask(cached: int, c: int, start: int, window: Optional[tuple]) -> tor
 
 
 def _forward(model, cache, ids: torch.Tensor, start: int, window: Optional[tuple] = None) -> torch.Tensor:
+    from unigist.generation import _forward_parameters
+
     cached = cache.get_seq_length()
     dev = model.get_input_embeddings().weight.device
+    # transformers >= 5.24 names the argument `cache`; before, `cache=` would land in **kwargs
+    # and the model would fill a DynamicCache of its own, unseen by the eviction hooks
+    cache_kw = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
     out = model(
         input_ids=ids[None].to(dev),
         position_ids=torch.arange(start, start + ids.shape[0], device=dev)[None],
         attention_mask=_chunk_mask(cached, ids.shape[0], start, window).to(dev),
-        cache=cache,
         use_cache=True,
+        **{cache_kw: cache},
     )
     return out.logits[0]
 
