@@ -132,3 +132,21 @@ def test_compare_uses_the_standard_error():
     assert report.compare((0.52, 100), (0.50, 100)) == "="
     assert report.compare((0.0, 100), (0.3, 100)) == "<"
     assert report.compare((0.5, 0), (0.5, 10)) == "?"
+
+
+def test_report_calls_a_study_uninformative_when_full_attention_learned_nothing(tmp_path, monkeypatch):
+    """The first H200 run (committed JSONs): every model, full attention included, stayed at chance.
+    The report must say so instead of comparing chance-level numbers as if they meant something."""
+    runs = "benchmarks/results/quality_gpu_runs/2026-12-02"
+    assert report.main(["--results", f"{runs}/A", f"{runs}/B", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "quality_gpu.md").read_text()
+    assert "**Uninformative: full attention did not learn either task**" in md
+    assert "**Not testable: neither arm learned the tasks" in md
+    assert "Fine-tuning recovers" not in md
+    conclusions = md.split("## The CPU study's conclusions at this scale")[1]
+    assert conclusions.count("not testable (full attention at chance on this task)") == 5
+    # each task is gated on its own: kv well above chance over 1000 questions, the passkey at chance
+    chance = {"kv": 1 / 32, "pk": 1 / 32}
+    monkeypatch.setattr(report, "_stat", lambda agg, m, key, b=None: (0.5, 1000) if key == "kv" else (1 / 32, 100))
+    assert report.full_learned({"full": {}}, chance) == {"kv": True, "pk": False}
+    assert report.full_learned({}, chance) == {"kv": True, "pk": True}  # no full model: nothing to gate on

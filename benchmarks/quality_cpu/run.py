@@ -130,11 +130,15 @@ def main(argv=None) -> int:
         with open(wall_file, "w") as f:  # a later call that finds every job done reports this run's time
             json.dump({"wall_seconds": wall, "jobs_run": len(todo)}, f)
     else:
-        wall = json.load(open(wall_file))["wall_seconds"]
+        with open(wall_file) as f:
+            wall = json.load(f)["wall_seconds"]
 
     from . import report
 
-    results = [json.load(open(j["path"])) for j in jobs]
+    results = []
+    for j in jobs:
+        with open(j["path"]) as f:
+            results.append(json.load(f))
     meta = _meta(args, argv, task, mcfg, tcfg, seeds, n_eval, wall)
     report.write(results, meta, args.report_dir, args.report_name)
     print(f"done in {wall:.0f}s -> {args.report_dir}", flush=True)
