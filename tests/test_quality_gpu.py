@@ -98,6 +98,7 @@ def test_both_calls_then_report(tmp_path, capsys):
                      "--out", str(out_a)] + common) == 0
     plan = json.loads((out_a / "plan.json").read_text())
     assert plan["steps"] == 3 and set(plan["probe_raw_tokens_per_s"]) == {"full", "gist_r4_prev"}
+    assert plan["curriculum"] == list(config.QUICK_CURRICULUM) and plan["meta"]["curriculum_task"]["base_len"] == 22
     assert all(v > 0 for v in plan["probe_raw_tokens_per_s"].values())
     assert run.main(["--variants", "window", "gist_r4_prev", "gist_r8_prev", "--steps", str(plan["steps"]),
                      "--out", str(out_b)] + common) == 0
@@ -119,7 +120,8 @@ def test_both_calls_then_report(tmp_path, capsys):
     assert report.main(["--results", str(out_a), str(out_b), "--out-dir", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "quality_gpu.md").read_text()
     for heading in ("## Outcome", "## Training throughput", "## Fine-tuning vs from scratch",
-                    "## The CPU study's conclusions at this scale", "| UniGist r=4, raw-before-gist predicts |"):
+                    "## The CPU study's conclusions at this scale", "| UniGist r=4, raw-before-gist predicts |",
+                    "length curriculum: the first 50% of the steps on 2x shorter sequences (22..29 raw tokens"):
         assert heading in md
     assert (tmp_path / "rep" / "quality_gpu.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "rep" / "quality_gpu.json").read_text())
@@ -150,3 +152,31 @@ def test_report_calls_a_study_uninformative_when_full_attention_learned_nothing(
     monkeypatch.setattr(report, "_stat", lambda agg, m, key, b=None: (0.5, 1000) if key == "kv" else (1 / 32, 100))
     assert report.full_learned({"full": {}}, chance) == {"kv": True, "pk": False}
     assert report.full_learned({}, chance) == {"kv": True, "pk": True}  # no full model: nothing to gate on
+
+
+def test_curriculum_stream():
+    """Without a curriculum the stream is quality_cpu's exactly; with ``(frac, shrink)`` the first
+    steps hold ``shrink`` times as many sequences ``shrink`` times shorter (about the same tokens per
+    step), distances scaled with the window, and the rest is the full-length stream."""
+    task = config.train_task(config.quick_configs()[0])
+    plain = config.curriculum_stream(task, 4, 3, seed=5)
+    ref = tasks.train_stream(task, 4, 3, seed=5)
+    assert [[(e["input_ids"].tolist(), e["answer_labels"].tolist()) for e in b] for b in plain] == \
+        [[(e["input_ids"].tolist(), e["answer_labels"].tolist()) for e in b] for b in ref]
+    assert config.curriculum_stream(task, 4, 3, seed=5, curriculum=None)[0][0]["input_ids"].equal(ref[0][0]["input_ids"])
+    frac, shrink = 0.5, 2
+    cur = config.curriculum_stream(task, 4, 3, seed=5, curriculum=(frac, shrink))
+    assert [len(b) for b in cur] == [6, 6, 3, 3]
+    short = config.short_task(task, shrink)
+    assert short.window == task.window // 2 and short.num_pairs == task.num_pairs // 2 and short.vocab == task.vocab
+    assert all(short.base_len <= len(e["input_ids"]) <= short.base_len + short.max_offset for e in cur[0])
+    tok = [sum(len(e["input_ids"]) for e in b) for b in cur]
+    assert abs(tok[0] - tok[-1]) / tok[-1] < 0.2
+    # the GPU curriculum: short sequences still hold every bin of the scaled window, same tokens per step
+    gtask, _, gtcfg = config.gpu_configs()
+    if config.CURRICULUM:
+        g = config.short_task(config.train_task(gtask), config.CURRICULUM[1])
+        assert g.bins()[-1][1] <= g.base_len and g.num_pairs >= 1 and g.window >= 4
+        s = tasks.samples(g, 100, seed=0)
+        assert {b for x in s for b in x.kv_bin} == {0, 1, 2, 3}
+        assert abs(config.CURRICULUM[1] * g.base_len - gtask.base_len) <= config.CURRICULUM[1]

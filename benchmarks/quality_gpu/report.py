@@ -262,7 +262,8 @@ def write(results: List[Dict], plans: List[Dict], out_dir: str, name: str = "qua
         f"{meta['params_full'] / 1e6:.1f}M parameters, fp32 weights, bf16 autocast on CUDA; {m['num_sink']} sinks",
         f"- training: {tr['steps']} steps x batch {tr['batch']} sequences, AdamW lr {tr['lr']} (warmup {tr['warmup']}, "
         f"cosine to {tr['min_lr_frac']}x), answer tokens weighted 1 + {tr['answer_weight']}; distance bins of the "
-        f"training questions drawn with weights {meta['train_bin_weights']} (evaluation: uniform)",
+        f"training questions drawn with weights {meta['train_bin_weights']} (evaluation: uniform)"
+        + curriculum_note(meta),
         f"- fine-tune arm: a copy of the trained full model, `unigist.patch_model` with UniGist r=4 (memory-only gists, "
         f"`gist_predicts_next=False`), trained {tr['steps']} steps (the window-only control's budget) on the same "
         f"stream, peak lr {meta['ft_lr']}",
@@ -289,6 +290,20 @@ def write(results: List[Dict], plans: List[Dict], out_dir: str, name: str = "qua
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return agg
+
+
+def curriculum_note(meta: Dict) -> str:
+    """The training line's length-curriculum clause (empty for a run without one)."""
+    cur, st = meta.get("curriculum"), meta.get("curriculum_task")
+    if not cur or not st:
+        return ""
+    if not isinstance(cur[0], (int, float)):  # several stages: the first one's sequences are described
+        return "; length curriculum in stages (frac, shrink) " + ", ".join(f"({f:g}, {k})" for f, k in cur) + (
+            f", the first on {st['base_len']}-token sequences, W {st['window']}, {st['num_pairs']} kv pairs")
+    frac, shrink = cur
+    return (f"; length curriculum: the first {frac:.0%} of the steps on {shrink}x shorter sequences "
+            f"({st['base_len']}..{st['base_len'] + st['max_offset']} raw tokens, W {st['window']}, {st['num_pairs']} kv "
+            f"pairs, {shrink}x as many per batch), same model, mask and positions")
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,8 @@ same code) at the sizes of :mod:`.config`, on CUDA with bf16 autocast: gist vari
 ``unigist.patch_model`` (the library's CUDA kernel), full attention through SDPA. Every
 from-scratch variant of a seed gets the same init, token stream, steps and learning rate;
 ``ft_<gist variant>`` starts from the trained ``full`` model of the seed and trains the same
-number of steps on the same stream.
+number of steps on the same stream. The stream follows ``config.CURRICULUM`` (the first steps on
+shorter sequences, same tokens per step; ``--no-curriculum``: full length throughout).
 
 Writes into ``--out``: ``plan.json`` (steps, probe throughput) and one
 ``seed{S}_{variant}.json`` per job (quality_cpu's result format plus ``steps`` and
@@ -111,9 +112,11 @@ def probe(variants, task, mcfg, tcfg, device, autocast_dtype, warmup: int = 3, t
 # ---------------------------------------------------------------------------
 
 
-def config_key(task, mcfg, tcfg, device: torch.device) -> str:
-    blob = json.dumps([dataclasses.asdict(task), dataclasses.asdict(mcfg), dataclasses.asdict(tcfg), device.type],
-                      sort_keys=True)
+def config_key(task, mcfg, tcfg, device: torch.device, curriculum=None) -> str:
+    key = [dataclasses.asdict(task), dataclasses.asdict(mcfg), dataclasses.asdict(tcfg), device.type]
+    if curriculum:
+        key.append(list(curriculum))
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -187,7 +190,8 @@ def run_job(variant: str, ctx: Dict) -> Dict:
     cached = os.path.join(ctx["ckpt_dir"], name + ".json")
     methods = METHODS.get(variant, (variant,))
     if os.path.exists(cached):
-        res = json.load(open(cached))
+        with open(cached) as f:
+            res = json.load(f)
         if set(res["methods"]) == set(methods):
             shutil.copyfile(cached, out_path)
             print(f"{name}: reused {cached}", flush=True)
@@ -262,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds from start after which no new evaluation sample is begun")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk, raw tokens (default W = 256; quick 8)")
+    p.add_argument("--no-curriculum", action="store_true",
+                   help="train on full-length sequences from the first step (default: config.CURRICULUM)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--out", required=True)
@@ -287,7 +293,11 @@ def main(argv=None) -> int:
             "probe_attention": {v: attention_path(v, device) for v in probed}, "lr": tcfg.lr, "ft_lr": ft_tcfg.lr}
     print(f"STEPS={steps} (batch {tcfg.batch}, {step_tokens:.0f} raw tokens/step)", flush=True)
 
-    ckpt_dir = os.path.join(args.ckpt_dir, config_key(task, mcfg, tcfg, device) + f"_ftlr{ft_tcfg.lr:g}")
+    curriculum = config.QUICK_CURRICULUM if args.quick else config.CURRICULUM
+    if args.no_curriculum:
+        curriculum = None
+    plan["curriculum"] = curriculum
+    ckpt_dir = os.path.join(args.ckpt_dir, config_key(task, mcfg, tcfg, device, curriculum) + f"_ftlr{ft_tcfg.lr:g}")
     os.makedirs(ckpt_dir, exist_ok=True)
     n_eval = args.n_eval or (6 if args.quick else 96)
     cache: Dict = {}
@@ -295,8 +305,11 @@ def main(argv=None) -> int:
     def stream():
         if "stream" not in cache:
             t = time.time()
-            cache["stream"] = tasks.train_stream(config.train_task(task), steps, tcfg.batch, seed=1000 + args.seed)
-            print(f"training stream: {steps} x {tcfg.batch} sequences in {time.time() - t:.0f}s", flush=True)
+            cache["stream"] = config.curriculum_stream(config.train_task(task), steps, tcfg.batch, seed=1000 + args.seed,
+                                                       curriculum=curriculum)
+            n_seq = sum(len(b) for b in cache["stream"])
+            print(f"training stream: {steps} steps, {n_seq} sequences (curriculum {curriculum}) in "
+                  f"{time.time() - t:.0f}s", flush=True)
         return cache["stream"]
 
     def samples():
@@ -306,7 +319,9 @@ def main(argv=None) -> int:
 
     m = meta(args, argv, task, mcfg, device)
     m.update(task=dataclasses.asdict(task), model=dataclasses.asdict(mcfg), train=dataclasses.asdict(tcfg),
-             ft_lr=ft_tcfg.lr, seed=args.seed, chunk=args.chunk or (8 if args.quick else task.window),
+             ft_lr=ft_tcfg.lr, seed=args.seed, curriculum=curriculum,
+             curriculum_task=(dataclasses.asdict(config.short_task(task, config.curriculum_stages(curriculum)[0][1]))
+                              if curriculum else None), chunk=args.chunk or (8 if args.quick else task.window),
              n_eval=n_eval, train_bin_weights=config.TRAIN_BIN_WEIGHTS,
              nominal_prompt_len=models.nominal_prompt_len(task),
              gist_r4=models.gist_config(task, mcfg, 4).to_dict(), gist_r8=models.gist_config(task, mcfg, 8).to_dict(),
