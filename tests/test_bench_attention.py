@@ -60,25 +60,33 @@ def _row(n, r, date, **kw):
 
 
 def test_table_append(tmp_path, monkeypatch):
-    """--append keeps earlier rows it does not remeasure, dates each row, and
-    refuses rows from another device."""
+    """--append keeps earlier rows it does not remeasure, dates each row, keeps rows of
+    other shapes or input layouts apart, and refuses rows from another device."""
     import types
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "dev")
     out = str(tmp_path / "t.md")
     args = types.SimpleNamespace(out=out, window=1024, sinks=128, shift_tile=4096, append=True)
-    ba.write_table([_row(4096, 4, "run1"), _row(32768, 4, "run1")], args, 32, 128)
-    ba.write_table([_row(32768, 4, "run2", ug_f=0.5, fs_f=1.0, fs_fb=2.0, perm_ms=0.1, blocks_sh="0.30 (0.29)")], args, 32, 128)
+    # rows written before the shape columns existed (no heads / dim / layout): H=32 MHA, D=128, bhnd
+    ba.write_table([_row(4096, 4, "run1"), _row(32768, 4, "run1")], args)
+    ba.write_table([_row(32768, 4, "run2", ug_f=0.5, fs_f=1.0, fs_fb=2.0, perm_ms=0.1, blocks_sh="0.30 (0.29)")], args)
     text = open(out).read()
-    table = [line for line in text.splitlines() if line.startswith("| 4096") or line.startswith("| 32768")]
-    assert len(table) == 3  # two main rows and one Flex (d) row
-    assert "| 32768 | 4 | 0.500 | 0.500 |" in text and "run1, run2" in text
+    main = [line for line in text.splitlines() if line.startswith("| bhnd |")]
+    assert len(main) == 2
+    assert "| bhnd | 32/32 | 128 | 1024 | 32768 | 4 | 0.500 | 0.500 |" in text and "run1, run2" in text
     assert "| 32768 | 4 | - | 0.30 (0.29) | 1.000 | 2.00x | 2.000 | 0.67x | 0.100 |" in text
+    # the same N and ratio at another shape, window or layout is another row, not a replacement
+    gqa = dict(heads=32, kv_heads=8, dim=64)
+    ba.write_table([_row(4096, 4, "run3", layout="hf", **gqa), _row(4096, 4, "run3", window=256, **gqa)], args)
+    text = open(out).read()
+    assert "| bhnd | 32/32 | 128 | 1024 | 4096 | 4 |" in text
+    assert "| hf | 32/8 | 64 | 1024 | 4096 | 4 |" in text and "| bhnd | 32/8 | 64 | 256 | 4096 | 4 |" in text
+    assert len([line for line in text.splitlines() if line.startswith(("| bhnd |", "| hf |"))]) == 4
     args.append = False
-    ba.write_table([_row(8192, 4, "run3")], args, 32, 128)
+    ba.write_table([_row(8192, 4, "run4")], args)
     assert "| 4096 |" not in open(out).read()
     args.append = True
     with open(out + ".json", "w") as fh:
         json.dump([_row(4096, 8, "old", device="other")], fh)
     with pytest.raises(SystemExit, match="--append"):
-        ba.write_table([_row(8192, 4, "run4")], args, 32, 128)
+        ba.write_table([_row(8192, 4, "run5")], args)
