@@ -91,20 +91,16 @@ def _pm(a, i=None, pct=True):
 
 def tables(agg: Dict[str, Dict]) -> str:
     methods = [m for m in ORDER if m in agg]
-    lines = ["### KV recall accuracy (%) by distance beyond the raw window W (mean ± std over seeds)", "",
-             "| method | " + " | ".join(f"{b} W" for b in BIN_NAMES) + " | all | beyond W |",
-             "|---|" + "---|" * 6]
-    for m in methods:
-        a = agg[m]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(_pm(a['kv'], i) for i in range(4))
-                     + f" | {_pm(a['kv_all'])} | {_pm(a['kv_beyond'])} |")
-    lines += ["", "### Passkey exact match (%) by distance (mean ± std over seeds)", "",
-              "| method | " + " | ".join(f"{b} W" for b in BIN_NAMES) + " | all | beyond W |",
-              "|---|" + "---|" * 6]
-    for m in methods:
-        a = agg[m]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(_pm(a['pk'], i) for i in range(4))
-                     + f" | {_pm(a['pk_all'])} | {_pm(a['pk_beyond'])} |")
+    lines = []
+    for key, title in (("kv", "KV recall accuracy (%) by distance beyond the raw window W"),
+                       ("pk", "Passkey exact match (%) by distance")):
+        lines += ([""] if lines else []) + [
+            f"### {title} (mean ± std over seeds)", "",
+            "| method | " + " | ".join(f"{b} W" for b in BIN_NAMES) + " | all | beyond W |", "|---|" + "---|" * 6]
+        for m in methods:
+            a = agg[m]
+            lines.append(f"| {LABELS[m]} | " + " | ".join(_pm(a[key], i) for i in range(4))
+                         + f" | {_pm(a[key + '_all'])} | {_pm(a[key + '_beyond'])} |")
     lines += ["", "### Perplexity on text tokens, peak KV entries, and the gist-boundary splits", "",
               "kv after gist: the answer is the first raw token after a gist of the method's ratio "
               "(for non-gist methods: of r=4); passkey prompt % r = 0: the prompt ends with a gist.", "",
