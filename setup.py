@@ -3,7 +3,10 @@
 CPU kernels are always built. CUDA kernels are built when a CUDA build of
 torch and nvcc are both present (set UNIGIST_CPU_ONLY=1 to skip them). The
 CUDA arch list defaults to "8.0;9.0a" and follows TORCH_CUDA_ARCH_LIST when
-that is set. MAX_JOBS caps ninja's parallelism, as in every torch extension.
+that is set: csrc/cuda/*.cu build for every arch of it, the wgmma kernels of
+csrc/cuda/sm90/ only for sm_90a and only when the list names 9.0a (then the
+other sources see UNIGIST_WITH_SM90). MAX_JOBS caps ninja's parallelism, as in
+every torch extension.
 """
 
 import glob
@@ -87,6 +90,41 @@ def _cpu_isa_args() -> list:
     return []
 
 
+def _arch_list() -> list:
+    return [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split() if a]
+
+
+def _want_sm90a() -> bool:
+    return any(a.split("+")[0] == "9.0a" for a in _arch_list())
+
+
+# The sm_90a kernels need the arch-specific target (wgmma, setmaxnreg), which
+# the other sources must not get (it would drop sm_80). torch compiles every
+# source of an extension with one set of -gencode flags, so the sm90 set is
+# compiled here, through the same ninja-backed compiler and flags, with its
+# own -gencode, and linked in as objects.
+SM90_GENCODE = "-gencode=arch=compute_90a,code=sm_90a"
+
+
+class BuildExt(BuildExtension):
+    def build_extension(self, ext):
+        sm90_sources = getattr(ext, "sm90_sources", [])
+        if sm90_sources:
+            args = dict(ext.extra_compile_args)
+            args["nvcc"] = list(args["nvcc"]) + [SM90_GENCODE]
+            objects = self.compiler.compile(
+                sm90_sources,
+                output_dir=os.path.join(self.build_temp, "sm90"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=args,
+                depends=ext.depends,
+            )
+            ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects
+        super().build_extension(ext)
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
@@ -100,22 +138,20 @@ def extensions():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-        nvcc_flags = [
-            "-O3",
-            "--use_fast_math",
-            "--expt-relaxed-constexpr",
-            "-lineinfo",
-            "-DUNIGIST_WITH_CUDA",
-        ]
-        return [
-            CUDAExtension(
-                "unigist._C",
-                cpu_sources + cuda_sources,
-                include_dirs=include_dirs + _cuda_header_dirs(),
-                extra_compile_args={"cxx": cxx_flags + ["-DUNIGIST_WITH_CUDA"], "nvcc": nvcc_flags},
-                extra_link_args=["-fopenmp"],
-            )
-        ]
+        sm90_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "sm90", "*.cu"))) if _want_sm90a() else []
+        defines = ["-DUNIGIST_WITH_CUDA"] + (["-DUNIGIST_WITH_SM90"] if sm90_sources else [])
+        nvcc_flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"] + defines
+        ext = CUDAExtension(
+            "unigist._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs + _cuda_header_dirs(),
+            extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+            # setuptools relinks only when one of these is newer than the library.
+            depends=sm90_sources + _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.*h"), recursive=True)),
+        )
+        ext.sm90_sources = sm90_sources
+        return [ext]
     return [
         CppExtension(
             "unigist._C",
@@ -129,5 +165,5 @@ def extensions():
 
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
     int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
     int64_t q_offset);
 
-// csrc/cuda/attention_cache_fwd.cu: q/k/v read in place through their strides;
+// csrc/cuda/cache_fwd_sm80.cu: q/k/v read in place through their strides;
 // split-KV when few CTAs would run (decoding).
 std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,

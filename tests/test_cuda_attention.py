@@ -338,7 +338,7 @@ def test_forward_paths_custom_scale(seed, fwd_path, scale, d):
 def test_forward_paths_growing_scores(seed, fwd_path, dtype):
     """Key norms growing 60x along the sequence: a row's running max grows by
     many units of 2^8 over its key blocks, so every online-softmax rescale path
-    (including the lazy max of UNIGIST_SM90_FWD_LAZY_MAX builds) is taken."""
+    (including the wgmma forward's lazy max) is taken."""
     cfg = GistConfig(ratio=4, window=256, num_sink=16)
     q, k, v = _inputs(1, 4, 2, 1500, 1500, 128, dtype)
     ramp = torch.linspace(0.1, 6.0, k.shape[2], device=k.device, dtype=torch.float32)

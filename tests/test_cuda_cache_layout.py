@@ -1,5 +1,5 @@
 """The CUDA compressed-cache forward (gist_attention(..., key_layout=),
-csrc/cuda/attention_cache_fwd.cu) against the float32 dense reference on the
+csrc/cuda/cache_fwd_sm80.cu) against the float32 dense reference on the
 keys' positions: random eviction histories, GQA, prefill chunks and decode steps,
 split-KV, strided (in place) and copied inputs, poisoned output memory."""
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device runs of the wgmma backward (dQ and dK/dV kernels; written for
-# attention_bwd_dkdv_sm90.cu, whose ptxas report it prints), in two calls that
+# csrc/cuda/sm90/bwd_dkdv_sm90.cu, whose ptxas report it prints), in two calls that
 # fit the 10-minute limit (the second reuses the first's build):
 #   test  (default): build (+ ptxas report of the new kernel), smoke test, CUDA
 #         tests, memcheck of a small case (~6-7 min)

@@ -1,4 +1,4 @@
-// Standalone check of the wgmma conventions in csrc/cuda/wgmma.cuh against a
+// Standalone check of the wgmma conventions in csrc/cuda/sm90/wgmma.cuh against a
 // host GEMM: descriptors of K-major and MN-major 128B-swizzled tiles, the
 // accumulator fragment layout, and A from registers. No torch needed:
 //   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I csrc tests/cuda/wgmma_check.cu -o /tmp/wgmma_check && /tmp/wgmma_check
@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "cuda/wgmma.cuh"
+#include "cuda/sm90/wgmma.cuh"
 
 using namespace unigist::sm90;
 using T = __nv_bfloat16;
@@ -21,7 +21,6 @@ constexpr int M = 64, K = 128, N = 128;
 // C2 = A V   (A from registers, V [K][N] MN-major); RS, N = 128 and 64
 __global__ void check_kernel(const T* a, const T* b, const T* v, float* c1, float* c2, float* c3,
                              float* c4) {
-#if UNIGIST_SM90A
   extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* sA = smem;              // 64 x 128: 2 slabs of 8 KB
   unsigned char* sB = sA + M * K * 2;    // 128 x 128: 2 slabs of 16 KB
@@ -97,7 +96,6 @@ __global__ void check_kernel(const T* a, const T* b, const T* v, float* c1, floa
       c2[r * N + c] = d[j][x];
       if (j < 8) c4[r * 64 + c] = e[j][x];
     }
-#endif
 }
 
 int main() {

@@ -1,5 +1,5 @@
 // dK/dV of the gist attention backward for Hopper (sm_90a): computes exactly
-// what the two launches of gist_attn_bwd_dkdv_kernel (attention_bwd.cu) compute,
+// what the two launches of gist_attn_bwd_dkdv_kernel (bwd_sm80.cu) compute,
 // with the four GEMMs on warpgroup MMA (FlashAttention-3's backward without its
 // dQ, which has its own kernel). Same two passes and the same pair partition:
 //   gist pass (gist_pass 1, launched first): blocks of BN packed gists (gist g
@@ -47,20 +47,18 @@
 // head then starts at the head's last tile and the blocks resident together
 // read the same Q / dO rows (the mma.sync order, first to first, has each
 // block at its own offset). The dense pass goes first to last.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "attention_common.cuh"
-#include "layout.h"
-#include "wgmma.cuh"
+#include "cuda/dispatch.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/key_visit.cuh"
+#include "cuda/launch.h"
+#include "cuda/params.cuh"
+#include "cuda/softmax.cuh"
+#include "cuda/sm90/skeleton.cuh"
 
 namespace unigist {
 namespace cuda_detail {
-
-#ifndef UNIGIST_SM90_DKDV_STAGES
-#define UNIGIST_SM90_DKDV_STAGES 4
-#endif
 
 template <int D>
 struct Sm90Dkdv {
@@ -68,8 +66,8 @@ struct Sm90Dkdv {
   static constexpr int BQ = 64;   // queries per step: one forward query tile (kQTile)
   // K + V take 64 KB at D = 128, a stage of Q + dO (+ lse, delta) 32.5 KB:
   // 4 stages fill 195 KB of the 227 KB (5 would not fit).
-  static constexpr int STAGES = UNIGIST_SM90_DKDV_STAGES;
-  static constexpr int THREADS = 384;
+  static constexpr int STAGES = 4;
+  static constexpr int THREADS = sm90::kThreads;
   static constexpr int KV_BYTES = BN * D * 2;
   static constexpr int Q_BYTES = BQ * D * 2;
   static constexpr int NBARS = 1 + 3 * STAGES;
@@ -92,7 +90,6 @@ __device__ __forceinline__ void dkdv_step_range(const Layout32& l, int gist_pass
 
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const AttnParams p, const int gist_pass) {
-#if UNIGIST_SM90A
   using namespace sm90;
   using C = Sm90Dkdv<D>;
   constexpr int BN = C::BN, BQ = C::BQ, STAGES = C::STAGES;
@@ -100,13 +97,14 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   constexpr int DT = D / 8;   // d tiles of dK, dV
   constexpr int KS = D / 16;  // k16 steps of K Q^T and V dO^T
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* sK = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  unsigned char* sV = sK + C::KV_BYTES;
-  unsigned char* sQ = sV + C::KV_BYTES;             // STAGES tiles
-  unsigned char* sdO = sQ + STAGES * C::Q_BYTES;    // STAGES tiles
-  float* sL = reinterpret_cast<float*>(sdO + STAGES * C::Q_BYTES);  // lse, STAGES x BQ
-  float* sDl = sL + STAGES * BQ;                                    // delta, STAGES x BQ
-  const RingBarriers<STAGES> bars{smem_u32(sDl + STAGES * BQ)};
+  SmemCarver smem(smem_raw);
+  unsigned char* sK = smem.take(C::KV_BYTES);
+  unsigned char* sV = smem.take(C::KV_BYTES);
+  unsigned char* sQ = smem.take(STAGES * C::Q_BYTES);
+  unsigned char* sdO = smem.take(STAGES * C::Q_BYTES);
+  float* sL = reinterpret_cast<float*>(smem.take(STAGES * BQ * 4));   // lse, STAGES x BQ
+  float* sDl = reinterpret_cast<float*>(smem.take(STAGES * BQ * 4));  // delta, STAGES x BQ
+  const RingBarriers<STAGES> bars{smem_u32(smem.next)};
   const uint32_t kv_full = bars.once();
   auto q_full = [&](int st) { return bars.full0(st); };
   auto do_full = [&](int st) { return bars.full1(st); };
@@ -139,13 +137,8 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   auto step_of = [&](int it) { return gist_pass ? st_end - 1 - it : st_begin + it; };
   const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
 
-  if (threadIdx.x == 0) bars.init();
-  __syncthreads();
-
-  if (threadIdx.x < 128) {
-    // ---- producer ----
-    reg_dealloc<C::PRODUCER_REGS>();
-    const int t = threadIdx.x;
+  auto producer = [&] {
+    const int t = threadIdx.x;  // 0..127
     const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
     // Zero-filled rows past the block's end: S^T = dP^T = 0 there (masked),
     // never written back.
@@ -174,11 +167,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       cp_async_arrive(do_full(st));
     }
     cp_async_wait<0>();
-  } else {
-    // ---- consumers ----
-    reg_alloc<C::CONSUMER_REGS>();
-    const int wg = threadIdx.x / 128 - 1;
-    const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
+  };
+
+  auto consumer = [&](int wg, int warp, int lane) {
     const int r0 = warp * 16 + lane / 4;  // key row (of the warpgroup's 64) of s[.][0..1]; +8 for [2..3]
     const int kp_row[2] = {kpos(wg * 64 + r0), kpos(wg * 64 + r0 + 8)};
     const uint32_t k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
@@ -356,8 +347,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     // Epilogue: every key row of the block, zeros included (the dense pass
     // reads the gist pass's partials).
     store_dkdv_rows<T, DT>(p, bh, kp_row, dk, dv, lane, gist_pass != 0);
-  }
-#endif
+  };
+
+  warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);
 }
 
 template <typename T, int D>
@@ -380,11 +372,7 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
 }
 
 void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  if (head_dim == 64) {
-    bf16 ? launch_bwd_dkdv_sm90_t<__nv_bfloat16, 64>(p, stream) : launch_bwd_dkdv_sm90_t<__half, 64>(p, stream);
-  } else {
-    bf16 ? launch_bwd_dkdv_sm90_t<__nv_bfloat16, 128>(p, stream) : launch_bwd_dkdv_sm90_t<__half, 128>(p, stream);
-  }
+  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_bwd_dkdv_sm90_t<T, kHeadDim>(p, stream); });
 }
 
 }  // namespace cuda_detail

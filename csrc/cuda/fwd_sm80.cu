@@ -8,18 +8,18 @@
 //       computed in the cp.async address arithmetic; no mask but the tail,
 //   (c) local keys [local_lo, local_hi)   element-wise mask,
 // so its work follows the mask's non-zeros. No block table.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <ATen/cuda/CUDAContext.h>
+// Runs wherever the wgmma forward (sm90/fwd_sm90.cu) does not.
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
-#include <tuple>
 
-#include "attention_common.cuh"
-#include "checks.h"
-#include "layout.h"
-#include "ops.h"
+#include "cuda/dispatch.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/key_visit.cuh"
+#include "cuda/launch.h"
+#include "cuda/params.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/softmax.cuh"
 
 namespace unigist {
 namespace cuda_detail {
@@ -167,13 +167,7 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
     for (int mt = 0; mt < MT; ++mt) {
       float alpha[2];
       online_softmax(s[mt], scale, m_r[mt], l_r[mt], alpha);
-#pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        o[mt][i][0] *= alpha[0];
-        o[mt][i][1] *= alpha[0];
-        o[mt][i][2] *= alpha[1];
-        o[mt][i][3] *= alpha[1];
-      }
+      scale_rows(o[mt], alpha);
     }
     // O += P V
 #pragma unroll
@@ -204,39 +198,15 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
     float inv[2], lse[2];
     finish_rows(l_r[mt], m_r[mt], inv, lse);
     const int r0 = row0 + mt * 16;
-#pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      const int within = 2 * (lane & 3);
-      *reinterpret_cast<uint32_t*>(sQ + swz<D>(r0, i) + within) =
-          TT::pack(o[mt][i][0] * inv[0], o[mt][i][1] * inv[0]);
-      *reinterpret_cast<uint32_t*>(sQ + swz<D>(r0 + 8, i) + within) =
-          TT::pack(o[mt][i][2] * inv[1], o[mt][i][3] * inv[1]);
-    }
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = r0 + hr * 8;
-        if (r < rows_here) {
-          p.lse[qt.row0 + r] = lse[hr];
-        }
-      }
-    }
+    stage_rows<D>(sQ, o[mt], inv, r0, lane);
+    store_lse_rows(p, qt.row0, lse, r0, rows_here, lane);
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.o) + qt.row0 * D;
-#pragma unroll
-  for (int i = 0; i < 16 * MT * DT / 32; ++i) {
-    const int idx = lane + i * 32;
-    const int r = wrow + idx / DT, c = idx % DT;
-    if (r < rows_here) {
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(r) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
-    }
-  }
+  copy_rows_out<16 * MT, D>(p.o, qt.row0, sQ, wrow, rows_here, lane);
 }
 
 template <typename T, int D>
-void launch_fwd(const AttnParams& p, cudaStream_t stream) {
+void launch_fwd_t(const AttnParams& p, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<D>();
   auto kernel = gist_attn_fwd_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -245,64 +215,9 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void launch_fwd(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
+  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_fwd_t<T, kHeadDim>(p, stream); });
+}
+
 }  // namespace cuda_detail
-
-std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, int64_t ratio,
-                                                           int64_t window, int64_t num_sink,
-                                                           double softmax_scale, int64_t q_offset) {
-  using namespace cuda_detail;
-  const char* where = "unigist.gist_attention_fwd";
-  check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
-  check_cuda_qkv(where, q, k, v);
-  check_softmax_scale(where, softmax_scale);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
-  at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
-  if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
-
-  AttnParams p{};
-  p.q = qc.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.B = static_cast<int>(B);
-  p.Hq = static_cast<int>(Hq);
-  p.Hkv = static_cast<int>(k.size(1));
-  p.group = p.Hq / p.Hkv;
-  p.Nq = static_cast<int>(Nq);
-  p.Nk = static_cast<int>(k.size(2));
-  p.q_offset = static_cast<int>(q_offset);
-  // Grid order. The wgmma forward runs one CTA per SM, and with heads along x
-  // the ~130 resident CTAs belong to 32+ heads whose gist rows (3.3 MB of K/V
-  // per head at 32k) overflow L2 (ncu: 53% hit rate, 41% of DRAM bandwidth);
-  // tiles along x keeps them on one or two heads: 5.6 -> 5.1 ms at 32k r=4
-  // (NOTES.md v7). The mma.sync kernel measured no gain from it (v4).
-  const bool sm90 = use_sm90_fwd(q.get_device());
-  p.head_fast = sm90 ? 0 : 1;
-  p.l = clamp_layout(ratio, window, num_sink, k.size(2));
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
-
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (sm90) {
-    launch_fwd_sm90(p, bf16, static_cast<int>(D), stream);
-  } else if (D == 64) {
-    bf16 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__half, 64>(p, stream);
-  } else {
-    bf16 ? launch_fwd<__nv_bfloat16, 128>(p, stream) : launch_fwd<__half, 128>(p, stream);
-  }
-  return {out, lse};
-}
-
-int64_t gist_attention_fwd_arch_cuda(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "unigist.gist_attention_fwd_arch: q must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(q.device());
-  return cuda_detail::use_sm90_fwd(q.get_device()) ? 90 : 80;
-}
-
 }  // namespace unigist

@@ -1,8 +1,6 @@
-// Hopper (sm_90a) primitives of the wgmma forward kernel: warpgroup MMA,
-// shared-memory matrix descriptors, mbarriers, cp.async completion on an
-// mbarrier, register reallocation. Everything is compiled only in the sm_90a
-// device pass (UNIGIST_SM90A); the host and sm_80 passes see empty stubs, so
-// the one source builds for "8.0;9.0a".
+// Hopper (sm_90a) PTX wrappers of the wgmma kernels: 128-byte swizzled tiles
+// and their shared-memory matrix descriptors, warpgroup MMA, wgmma fences,
+// mbarriers, cp.async completion on an mbarrier, register reallocation.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,12 +8,11 @@
 
 #include <cstdint>
 
-#include "attention_common.cuh"  // cp_async16
+#include "cuda/ptx.cuh"  // ldmatrix_x4, smem_u32
 
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define UNIGIST_SM90A 1
-#else
-#define UNIGIST_SM90A 0
+// Built only for sm_90a (setup.py compiles csrc/cuda/sm90/ as its own set).
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "csrc/cuda/sm90 needs -gencode arch=compute_90a,code=sm_90a"
 #endif
 
 namespace unigist {
@@ -46,35 +43,6 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, 
   d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
   d |= static_cast<uint64_t>(1) << 62;  // swizzle 128B
   return d;
-}
-
-#if UNIGIST_SM90A
-
-// ---- producer gather of a row tile ---------------------------------------------
-// The 128 threads of a producer warpgroup copy a tile of ROWS rows x D 16-bit
-// elements into the SW128 layout (sw128_offset<ROWS>). Tile row r is source row
-// pos0 + stride * r (stride 1: consecutive rows, as Q tiles and sink / window
-// keys; ratio + 1: packed gists), for r < nrows; later rows are zero-filled
-// (source not read). Thread t copies chunk t % CPR of tile rows t / CPR + RS * i,
-// so its source address moves by a constant step and its swizzled destination by
-// RS rows (RS a multiple of 8 keeps the XOR pattern): no per-row layout math.
-// Completion is the caller's (cp_async_arrive on an mbarrier).
-template <int ROWS, int D, typename T>
-__device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, int64_t pos0, int64_t stride,
-                                            int nrows, int t) {
-  constexpr int CPR = D / 8;     // 16-byte chunks per row
-  constexpr int RS = 128 / CPR;  // rows between a thread's copies
-  static_assert(RS % 8 == 0 && ROWS % RS == 0, "tile rows must split over 128 threads in steps of 8");
-  const int c = t % CPR, r_first = t / CPR;
-  const uint32_t dst0 = sw128_offset<ROWS>(r_first, c);
-  const int64_t off = (pos0 + stride * r_first) * D + c * 8;
-  const int64_t step = stride * RS * D;
-  const int nvalid = nrows - r_first;
-#pragma unroll
-  for (int i = 0; i < ROWS / RS; ++i) {
-    const bool ok = RS * i < nvalid;
-    cuda_detail::cp_async16(tile + dst0 + RS * 128 * i, ok ? src + off + step * i : src, ok);
-  }
 }
 
 // ---- warpgroup MMA ----------------------------------------------------------
@@ -187,101 +155,6 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-// The mbarriers of the three warp-specialized kernels, 8 bytes each from bar0:
-// one for the operand loaded once per CTA (forward / dQ: Q (and dO); dK/dV: K
-// and V), then per ring stage two "full" barriers for the two streamed operands
-// (K and V; Q and dO) and one "empty". A full barrier completes on one
-// cp.async arrival per producer thread, an empty one on one arrival per
-// consumer warp.
-template <int STAGES>
-struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
-  uint32_t bar0;
-  __device__ __forceinline__ uint32_t once() const { return bar0; }
-  __device__ __forceinline__ uint32_t full0(int st) const { return bar0 + 8 * (1 + st); }
-  __device__ __forceinline__ uint32_t full1(int st) const { return bar0 + 8 * (1 + STAGES + st); }
-  __device__ __forceinline__ uint32_t empty(int st) const { return bar0 + 8 * (1 + 2 * STAGES + st); }
-  // By thread 0, before the CTA's first __syncthreads.
-  __device__ __forceinline__ void init() const {
-    mbar_init(once(), 128);
-    for (int st = 0; st < STAGES; ++st) {
-      mbar_init(full0(st), 128);
-      mbar_init(full1(st), 128);
-      mbar_init(empty(st), 8);
-    }
-    mbar_init_fence();
-  }
-  // Use `it` of the ring (stage it % STAGES, phase it / STAGES).
-  // Consumer: wait until the stage's first / second operand has landed.
-  __device__ __forceinline__ void wait_full0(int it) const { mbar_wait(full0(it % STAGES), (it / STAGES) & 1); }
-  __device__ __forceinline__ void wait_full1(int it) const { mbar_wait(full1(it % STAGES), (it / STAGES) & 1); }
-  // Consumer warp: hand the stage back (one arrival per warp).
-  __device__ __forceinline__ void release(int it, int lane) const {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty(it % STAGES));
-  }
-  // Producer: wait until every consumer warp released the stage's previous use.
-  __device__ __forceinline__ void wait_empty(int it) const {
-    if (it >= STAGES) mbar_wait(empty(it % STAGES), (it / STAGES - 1) & 1);
-  }
-};
-
-// Producer loop of the query-tile kernels (forward, dQ): the tile's key blocks
-// (cuda_detail::KeyBlocks, or CacheBlocks over a compressed cache) of K and V
-// into the ring, K completing full0, V full1. A block's rows are consecutive
-// keys (sink / window / cached rows) or gists ratio + 1 positions apart: a
-// constant-stride gather; rows past the block's end are zero-filled (masked in
-// S, and a zero row keeps 0 * garbage from becoming NaN).
-template <int BN, int D, int STAGES, typename T, typename KB>
-__device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const KB& kb,
-                                                  int nblocks, const cuda_detail::Layout32& l, const T* kg,
-                                                  const T* vg, unsigned char* sK, unsigned char* sV, int t) {
-  constexpr int KV_BYTES = BN * D * 2;
-  for (int it = 0; it < nblocks; ++it) {
-    const int st = it % STAGES;
-    bars.wait_empty(it);
-    int kind, first, end;
-    kb.block(it, BN, kind, first, end);
-    int64_t pos0, stride;
-    kb.rows(kind, first, l, pos0, stride);
-    gather_rows<BN, D>(sK + st * KV_BYTES, kg, pos0, stride, end - first, t);
-    cp_async_arrive(bars.full0(st));
-    gather_rows<BN, D>(sV + st * KV_BYTES, vg, pos0, stride, end - first, t);
-    cp_async_arrive(bars.full1(st));
-  }
-  cuda_detail::cp_async_wait<0>();
-}
-
-// Epilogue of the query-tile kernels (forward O, dQ): the warp's 16 rows of an
-// m64 accumulator (tile rows wrow + lane / 4 in acc[.][0..1], + 8 in [2..3]),
-// times mul[0] / mul[1], in T, staged in the same rows of a sw128 tile of ROWS
-// rows that no other warp reads any more, then written to dst (tile row r at
-// dst + r * D) in 16-byte chunks; rows from rows_here on are left out.
-template <int ROWS, typename T, int DT>
-__device__ __forceinline__ void store_rows_via_smem(unsigned char* tile, const float (&acc)[DT][4],
-                                                    const float (&mul)[2], T* dst, int wrow, int rows_here,
-                                                    int lane) {
-  using TT = cuda_detail::TypeTraits<T>;
-  constexpr int D = DT * 8;
-  const int r0 = wrow + lane / 4;
-#pragma unroll
-  for (int i = 0; i < DT; ++i) {
-    *reinterpret_cast<uint32_t*>(tile + sw128_offset<ROWS>(r0, i) + 4 * (lane & 3)) =
-        TT::pack(acc[i][0] * mul[0], acc[i][1] * mul[0]);
-    *reinterpret_cast<uint32_t*>(tile + sw128_offset<ROWS>(r0 + 8, i) + 4 * (lane & 3)) =
-        TT::pack(acc[i][2] * mul[1], acc[i][3] * mul[1]);
-  }
-  __syncwarp();
-#pragma unroll
-  for (int i = 0; i < 16 * DT / 32; ++i) {
-    const int idx = lane + i * 32;
-    const int r = wrow + idx / DT, c = idx % DT;
-    if (r < rows_here) {
-      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(tile + sw128_offset<ROWS>(r, c));
-    }
-  }
-}
-
 template <int N>
 __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -290,8 +163,6 @@ template <int N>
 __device__ __forceinline__ void reg_dealloc() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
-
-#endif  // UNIGIST_SM90A
 
 }  // namespace sm90
 }  // namespace unigist

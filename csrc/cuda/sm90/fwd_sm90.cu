@@ -1,5 +1,5 @@
 // Gist attention forward for Hopper (sm_90a): the same key visit, masks and
-// outputs as gist_attn_fwd_kernel (attention_fwd.cu), with the two GEMMs on
+// outputs as gist_attn_fwd_kernel (fwd_sm80.cu), with the two GEMMs on
 // warpgroup MMA (wgmma) instead of mma.sync.
 //
 // CTA = 3 warpgroups, warp-specialized as in FlashAttention-3:
@@ -14,21 +14,24 @@
 //     run S = Q K^T (A and B from shared memory) and O += P V (P from
 //     registers, V read MN-major), with the online softmax in registers (a
 //     lazy running max: O is rescaled only when a row's max grows by more
-//     than 2^8, UNIGIST_SM90_FWD_LAZY_MAX). The
+//     than 2^8; the eager max, measured 2.4% slower, is
+//     benchmarks/experiments/sm90_fwd_eager_max.patch). The
 //     S GEMM of block j+1 and the P V GEMM of block j are in flight while
 //     the softmax of block j+1 runs, and the two consumers drift freely, so
-//     one's softmax overlaps the other's GEMMs.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+//     one's softmax overlaps the other's GEMMs (FlashAttention-3's named-barrier
+//     ping-pong between them measured within noise: 
+//     benchmarks/experiments/sm90_pingpong.patch).
+// The same kernel runs gist_attention_cache_fwd's prefill chunks over the
+// compressed-cache key layout (kCache: CacheBlocks instead of KeyBlocks).
 #include <c10/cuda/CUDAException.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-
-#include "attention_common.cuh"
-#include "layout.h"
-#include "wgmma.cuh"
+#include "cuda/dispatch.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/key_visit.cuh"
+#include "cuda/launch.h"
+#include "cuda/params.cuh"
+#include "cuda/softmax.cuh"
+#include "cuda/sm90/skeleton.cuh"
 
 namespace unigist {
 namespace cuda_detail {
@@ -39,21 +42,8 @@ struct Sm90Fwd {
   static constexpr int BN = 128;  // keys per block
   // K/V ring depth, 3 stages: with Q 225 KB at D=128 (of 227 KB), one CTA per
   // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
-  // UNIGIST_SM90_STAGES128 / UNIGIST_SM90_PINGPONG exist for A/B builds.
-// Lazy running max (online_softmax_lazy): the output is rescaled only in the
-// blocks where some row's max grew by more than 2^8. Measured -2.4% forward at
-// 32k r=4 (benchmarks/NOTES.md v10); 0 gives the eager max for A/B builds.
-#ifndef UNIGIST_SM90_FWD_LAZY_MAX
-#define UNIGIST_SM90_FWD_LAZY_MAX 1
-#endif
-#ifndef UNIGIST_SM90_PINGPONG
-#define UNIGIST_SM90_PINGPONG 0
-#endif
-#ifndef UNIGIST_SM90_STAGES128
-#define UNIGIST_SM90_STAGES128 3
-#endif
-  static constexpr int STAGES = D == 64 ? 3 : UNIGIST_SM90_STAGES128;
-  static constexpr int THREADS = 384;
+  static constexpr int STAGES = 3;
+  static constexpr int THREADS = sm90::kThreads;
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
   static constexpr int NBARS = 1 + 3 * STAGES;
@@ -77,7 +67,6 @@ __device__ __forceinline__ const auto& pick(const A& a, const B& b) {
 // else the interleaved layout (KeyBlocks).
 template <typename T, int D, bool kCache>
 __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
-#if UNIGIST_SM90A
   using namespace sm90;
   using C = Sm90Fwd<D>;
   constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
@@ -85,10 +74,11 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of O
   constexpr int KS = D / 16;  // k16 steps of Q K^T
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  unsigned char* sK = sQ + C::Q_BYTES;
-  unsigned char* sV = sK + STAGES * C::KV_BYTES;
-  const RingBarriers<STAGES> bars{smem_u32(sV + STAGES * C::KV_BYTES)};
+  SmemCarver smem(smem_raw);
+  unsigned char* sQ = smem.take(C::Q_BYTES);
+  unsigned char* sK = smem.take(STAGES * C::KV_BYTES);
+  unsigned char* sV = smem.take(STAGES * C::KV_BYTES);
+  const RingBarriers<STAGES> bars{smem_u32(smem.next)};
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
@@ -99,26 +89,17 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   const auto& kb = pick<kCache>(cache_kb, qt.kb);
   const int nblocks = kCache ? cache_kb.total() : qt.nblocks;
 
-  if (threadIdx.x == 0) bars.init();
-  __syncthreads();
-
-  if (threadIdx.x < 128) {
-    // ---- producer ----
-    reg_dealloc<C::PRODUCER_REGS>();
-    const int t = threadIdx.x;
+  auto producer = [&] {
+    const int t = threadIdx.x;  // 0..127
     const T* qg = static_cast<const T*>(p.q) + qt.row0 * D;
     const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
     const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
     gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
     cp_async_arrive(q_full);
     produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, sK, sV, t);
-  } else {
-    // ---- consumers ----
-    // (producer and consumers are the two branches of one if/else: setmaxnreg
-    // only takes effect in that shape)
-    reg_alloc<C::CONSUMER_REGS>();
-    const int wg = threadIdx.x / 128 - 1;
-    const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
+  };
+
+  auto consumer = [&](int wg, int warp, int lane) {
     const int r0 = wg * 64 + warp * 16 + lane / 4;  // tile row of s[.][0..1]; +8 for [2..3]
     const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128;
     const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
@@ -146,54 +127,32 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
       wgmma_rs_mnmajor<BN / 16, BN>(o, pf, v_addr + st * C::KV_BYTES, T{});
       wgmma_commit();
     };
-    // Returns whether the output must be scaled by alpha (always without the
-    // lazy max).
+    // Returns whether the output must be scaled by alpha (lazy max: only when
+    // some row's max moved).
     auto softmax = [&](int it, float (&alpha)[2]) -> bool {
       const float scale = prescale_unless_positive(s, p.scale_log2);
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
       kind = kb.mask_kind(kind);
       if (block_needs_mask(l, kind, first, end, BN, q_lo, q_hi)) mask_fragment(s, l, kind, first, end, q_lo + r0, lane);
-#if UNIGIST_SM90_FWD_LAZY_MAX
       return online_softmax_lazy(s, scale, m_r, l_r, alpha);
-#else
-      online_softmax(s, scale, m_r, l_r, alpha);
-      return true;
-#endif
     };
     auto pack_all = [&] {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
     };
 
-    // Ping-pong (FlashAttention-3): named barriers 1 and 2 hand the right to
-    // issue GEMMs back and forth between the two consumers, so that one's GEMMs
-    // run while the other does its softmax instead of both contending at once.
-    // Off: measured within noise of free-running consumers (NOTES.md v6).
-    constexpr bool kPingPong = UNIGIST_SM90_PINGPONG;
-    auto my_turn = [&] {
-      if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
-    };
-    auto your_turn = [&] {
-      if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
-    };
-    if (wg == 1) your_turn();  // consumer 0 goes first
-
     mbar_wait(q_full, 0);
     if (nblocks > 0) {
       float alpha[2];
-      my_turn();
       issue_qk(0);
-      your_turn();
       wgmma_wait<0>();
       reg_fence(s);
       softmax(0, alpha);  // O is still zero: alpha not needed
       pack_all();
       for (int it = 1; it < nblocks; ++it) {
-        my_turn();
         issue_qk(it);
         issue_pv(it - 1);
-        your_turn();
         wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
         reg_fence(s);
         const bool rescale = softmax(it, alpha);
@@ -201,20 +160,10 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
         reg_fence(o);
         reg_fence(s);  // keeps the P packing below after the wait: P V reads the old P
         bars.release(it - 1, lane);
-        if (rescale) {
-#pragma unroll
-          for (int i = 0; i < DT; ++i) {
-            o[i][0] *= alpha[0];
-            o[i][1] *= alpha[0];
-            o[i][2] *= alpha[1];
-            o[i][3] *= alpha[1];
-          }
-        }
+        if (rescale) scale_rows(o, alpha);
         pack_all();
       }
-      my_turn();
       issue_pv(nblocks - 1);
-      if (wg == 0) your_turn();  // consumer 1 issues last; nobody waits for its turn-over
       wgmma_wait<0>();
       reg_fence(o);
       bars.release(nblocks - 1, lane);
@@ -223,23 +172,14 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
     // Epilogue: lse, then O normalized, through the warp's own rows of sQ.
     float inv[2], lse[2];
     finish_rows(l_r, m_r, inv, lse);
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = r0 + hr * 8;
-        if (r < rows_here) p.lse[qt.row0 + r] = lse[hr];
-      }
-    }
+    store_lse_rows(p, qt.row0, lse, r0, rows_here, lane);
     store_rows_via_smem<BM>(sQ, o, inv, static_cast<T*>(p.o) + qt.row0 * D, wg * 64 + warp * 16, rows_here, lane);
-  }
-#endif
+  };
+
+  warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);
 }
 
-// 1 when the code running on the device is the sm_90a pass (the kernel above
-// is real there and an empty stub in every other pass).
-__global__ void sm90_probe_kernel(int* flag) { *flag = UNIGIST_SM90A; }
-
-template <typename T, int D, bool kCache = false>
+template <typename T, int D, bool kCache>
 void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
   using C = Sm90Fwd<D>;
   auto kernel = gist_attn_fwd_sm90_kernel<T, D, kCache>;
@@ -249,47 +189,12 @@ void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool sm90_fwd_available(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 no, 2 yes
-  if (device < 0 || device >= kMaxDevices) return false;
-  int state = cache[device].load();
-  if (state == 0) {
-    cudaDeviceProp prop;
-    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-    bool ok = prop.major == 9 && prop.minor == 0;
-    if (ok) {
-      at::Tensor flag = at::zeros({1}, at::TensorOptions().device(at::kCUDA, device).dtype(at::kInt));
-      sm90_probe_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream(device)>>>(flag.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ok = flag.item<int>() == 1;
-    }
-    state = ok ? 2 : 1;
-    cache[device].store(state);
-  }
-  return state == 2;
-}
-
-bool use_sm90_fwd(int device) {
-  const char* force = std::getenv("UNIGIST_FORCE_SM80");
-  if (force != nullptr && std::strcmp(force, "1") == 0) return false;
-  return sm90_fwd_available(device);
-}
-
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  if (head_dim == 64) {
-    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 64>(p, stream) : launch_fwd_sm90_t<__half, 64>(p, stream);
-  } else {
-    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 128>(p, stream) : launch_fwd_sm90_t<__half, 128>(p, stream);
-  }
+  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_fwd_sm90_t<T, kHeadDim, false>(p, stream); });
 }
 
 void launch_cache_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  if (head_dim == 64) {
-    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 64, true>(p, stream) : launch_fwd_sm90_t<__half, 64, true>(p, stream);
-  } else {
-    bf16 ? launch_fwd_sm90_t<__nv_bfloat16, 128, true>(p, stream) : launch_fwd_sm90_t<__half, 128, true>(p, stream);
-  }
+  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_fwd_sm90_t<T, kHeadDim, true>(p, stream); });
 }
 
 }  // namespace cuda_detail

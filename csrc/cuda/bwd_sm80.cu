@@ -2,7 +2,7 @@
 //   1. delta = rowsum(dout * out)                          (small kernel)
 //   2. dQ: query-tile outer, the same three key ranges as the forward
 //      (sinks, packed gists, local window)                  -> dq
-//      On Hopper (use_sm90_fwd) the wgmma kernel of attention_bwd_dq_sm90.cu
+//      On Hopper (use_sm90) the wgmma kernel of sm90/bwd_dq_sm90.cu
 //      (128-row tiles) runs instead of gist_attn_bwd_dq_kernel.
 //   3. dK/dV gist pass: blocks of 64 packed gists past the sinks (gist g at
 //      position g*(ratio+1)+ratio); loops over the query tiles whose gist part
@@ -13,25 +13,24 @@
 //      (layout::in_dense_part) holds some of its pairs; adds the gist rows'
 //      partials and writes every key: dk / dv in the input dtype when each key
 //      head has one query head, else fp32 per-query-head dK/dV.
-//      On Hopper (use_sm90_fwd) 3. and 4. are the wgmma kernel of
-//      attention_bwd_dkdv_sm90.cu (128-key blocks, same pair partition).
+//      On Hopper (use_sm90) 3. and 4. are the wgmma kernel of
+//      sm90/bwd_dkdv_sm90.cu (128-key blocks, same pair partition).
 //   5. GQA only: sum the fp32 dK/dV over each group, convert to the input dtype.
 // Query tiles are the forward's: 64 rows, tile t starting at position
 // q_offset + 64 t, so each (query, key) pair is counted once, in the same
 // part (dense or gist) by the dQ and the dK/dV kernels.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
-#include <tuple>
 #include <type_traits>
 
-#include "attention_common.cuh"
-#include "checks.h"
-#include "layout.h"
-#include "ops.h"
+#include "cuda/dispatch.cuh"
+#include "cuda/epilogue.cuh"
+#include "cuda/key_visit.cuh"
+#include "cuda/launch.h"
+#include "cuda/params.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/softmax.cuh"
 
 namespace unigist {
 namespace cuda_detail {
@@ -218,7 +217,9 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with sQ before it is reused below
 
-  // Epilogue through this warp's rows of sQ.
+  // Epilogue through this warp's rows of sQ (written out here rather than with
+  // epilogue.cuh's stage_rows / copy_rows_out, whose address arithmetic compiles
+  // differently for this kernel).
 #pragma unroll
   for (int i = 0; i < DT; ++i) {
     const int within = 2 * (lane & 3);
@@ -486,16 +487,19 @@ __global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restri
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream) {
+void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
   // 1. delta
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(p.out), static_cast<const T*>(p.dout), const_cast<float*>(p.delta), rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   // 2. dQ
   if (sm90) {
-    launch_bwd_dq_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
+#ifdef UNIGIST_WITH_SM90
+    launch_bwd_dq_sm90(p, bf16, D, stream);
+#endif
   } else {
     constexpr int smem = dq_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dq_kernel<T, D>;
@@ -506,7 +510,9 @@ void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream) {
   }
   // 3./4. dK, dV
   if (sm90) {
-    launch_bwd_dkdv_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
+#ifdef UNIGIST_WITH_SM90
+    launch_bwd_dkdv_sm90(p, bf16, D, stream);
+#endif
   } else {
     constexpr int smem = dkv_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
@@ -533,98 +539,9 @@ void launch_bwd(const AttnParams& p, bool sm90, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace cuda_detail
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink,
-    double softmax_scale, int64_t q_offset) {
-  using namespace cuda_detail;
-  const char* where = "unigist.gist_attention_bwd";
-  check_attention_inputs(where, q, k, v, ratio, window, num_sink, q_offset);
-  check_softmax_scale(where, softmax_scale);
-  check_cuda_qkv(where, q, k, v);
-  check_cuda_tensor(where, "dout", dout, q);
-  check_cuda_tensor(where, "out", out, q);
-  check_cuda_tensor(where, "lse", lse, q);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), where,
-              ": dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
-              out.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), where,
-              ": dout and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, where, ": lse must be float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2),
-              where, ": lse must be [batch, q_heads, q_len] = [", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "], got ", lse.sizes());
-  TORCH_CHECK(std::isfinite(softmax_scale), where, ": softmax_scale must be finite");
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
-  const at::Tensor oc = aligned_contiguous(out), doc = aligned_contiguous(dout), lc = lse.contiguous();
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
-  at::Tensor dq = at::empty_like(qc);
-  at::Tensor dk = at::empty_like(kc);
-  at::Tensor dv = at::empty_like(vc);
-  if (B == 0 || Hq == 0 || Nk == 0) return {dq, dk, dv};
-  if (Nq == 0) {
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
-  const auto f32 = q.options().dtype(at::kFloat);
-  // Per query head fp32 dK/dV only when query heads share a key head.
-  const int64_t acc_rows = Hq == Hkv ? 0 : Nk;
-  at::Tensor dk_acc = at::empty({B, Hq, acc_rows, D}, f32);
-  at::Tensor dv_acc = at::empty({B, Hq, acc_rows, D}, f32);
-  const Layout32 l = clamp_layout(ratio, window, num_sink, Nk);
-  const layout::GistLayout gl{l.ratio, l.window, l.num_sink};
-  const int64_t n_gist_rows =
-      layout::gists_before(Nk, gl) - layout::gists_before(std::min<int64_t>(l.num_sink, Nk), gl);
-  at::Tensor dk_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
-  at::Tensor dv_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
-
-  AttnParams p{};
-  p.q = qc.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.out = oc.data_ptr();
-  p.dout = doc.data_ptr();
-  p.lse = lc.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dk_acc = dk_acc.data_ptr<float>();
-  p.dv_acc = dv_acc.data_ptr<float>();
-  p.dk_gist = dk_gist.data_ptr<float>();
-  p.dv_gist = dv_gist.data_ptr<float>();
-  p.n_gist_rows = static_cast<int>(n_gist_rows);
-  p.B = static_cast<int>(B);
-  p.Hq = static_cast<int>(Hq);
-  p.Hkv = static_cast<int>(Hkv);
-  p.group = p.Hq / p.Hkv;
-  p.Nq = static_cast<int>(Nq);
-  p.Nk = static_cast<int>(Nk);
-  p.q_offset = static_cast<int>(q_offset);
-  p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
-  p.l = l;
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
-
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const bool sm90 = use_sm90_fwd(q.get_device());
-  if (D == 64) {
-    bf16 ? launch_bwd<__nv_bfloat16, 64>(p, sm90, stream)
-         : launch_bwd<__half, 64>(p, sm90, stream);
-  } else {
-    bf16 ? launch_bwd<__nv_bfloat16, 128>(p, sm90, stream)
-         : launch_bwd<__half, 128>(p, sm90, stream);
-  }
-  return {dq, dk, dv};
+void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, cudaStream_t stream) {
+  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_bwd_t<T, kHeadDim>(p, sm90, stream); });
 }
 
+}  // namespace cuda_detail
 }  // namespace unigist

@@ -1,0 +1,35 @@
+// The kernels' launchers, as the torch entry points (api.cu) see them: params
+// in, dtype and head dim as values (dispatch.cuh turns them into template
+// arguments on the kernels' side), no ATen.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/params.cuh"
+
+namespace unigist {
+namespace cuda_detail {
+
+// mma.sync kernels (fwd_sm80.cu, bwd_sm80.cu, cache_fwd_sm80.cu), built for
+// every arch of TORCH_CUDA_ARCH_LIST.
+void launch_fwd(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// The whole backward: delta, dQ, dK/dV (both passes), the GQA group sums. With
+// sm90, dQ and dK/dV are the wgmma kernels.
+void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, cudaStream_t stream);
+void launch_cache_fwd(const CacheParams& p, bool bf16, int head_dim, int tiles, cudaStream_t stream);
+
+// wgmma kernels (csrc/cuda/sm90/), built only when TORCH_CUDA_ARCH_LIST names
+// 9.0a (then setup.py defines UNIGIST_WITH_SM90 for the other sources).
+// use_sm90(device): they are built, the device is compute capability 9.0 and
+// UNIGIST_FORCE_SM80 is not "1".
+bool use_sm90(int device);
+void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// The same kernel over a compressed cache (p.cached, p.tail_start, p.tail_end):
+// gist_attention_cache_fwd's path for chunks that fill the GPU.
+void launch_cache_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+// Both dK/dV passes (gist, then dense).
+void launch_bwd_dkdv_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace unigist
