@@ -81,9 +81,9 @@ EOF
 
 bench() {  # bench <name> <dir> <round>
   (cd "$2" && PYTHONPATH=$2 timeout 100 python3 benchmarks/bench_attention.py --no-flex --n 4096 32768 --ratio 4 \
-     > "$OUT/attn_$1_$3.log" 2>&1)
+     --out "$OUT/attn_$1_$3.md" > "$OUT/attn_$1_$3.log" 2>&1)
   (cd "$2" && PYTHONPATH=$2 timeout 80 python3 benchmarks/bench_cache_cuda.py --contexts 32768 --chunks 1,4096 \
-     --shapes 32/8/128 > "$OUT/cache_$1_$3.log" 2>&1)
+     --shapes 32/8/128 --out "$OUT/cache_$1_$3.md" > "$OUT/cache_$1_$3.log" 2>&1)
   echo "$(el) bench $1 round $3 done"
 }
 for round in 1 2; do
