@@ -68,8 +68,9 @@ def kernels(path):
     out, cur = {}, None
     for line in open(path, errors="replace"):
         m = re.search(r"Compiling entry function '(\S+)' for 'sm_90a'", line)
-        if m:
-            cur = m.group(1); out[cur] = ["", ""]; continue
+        if m:  # anonymous namespaces are named after the file's path: drop that
+            cur = re.sub(r"_GLOBAL__N__\w+?_(\d+_\w+?_cu_)", r"_GLOBAL__N__\1", m.group(1)); out[cur] = ["", ""]
+            continue
         if cur and "spill stores" in line: out[cur][0] = " ".join(re.findall(r"\d+", line))
         if cur and "Used" in line: out[cur][1] = line.split("Used", 1)[1].strip(); cur = None
     return out
@@ -77,8 +78,9 @@ b, n = kernels(sys.argv[1]), kernels(sys.argv[2])
 same = [k for k in b if k in n and b[k] == n[k]]
 print(f"ptxas sm_90a: {len(same)} kernels identical (regs, stack/spill, smem), "
       f"{len([k for k in b if k not in n])} only in base, {len([k for k in n if k not in b])} only in new")
-for k in sorted(set(b) | set(n)):
-    if k not in same: print("  ", k[:90], "base", b.get(k), "new", n.get(k))
+diff = [k for k in sorted(set(b) | set(n)) if k not in same]
+for k in diff[:12]:
+    print("  ", k[:80], "base", b.get(k), "new", n.get(k))
 EOF
 
 bench() {  # bench <name> <dir> <round>
