@@ -498,3 +498,45 @@ def test_dkdv_paths_agree_scale(seed, monkeypatch, scale):
     (_, dk80, dv80), (_, dk90, dv90) = _bwd_both_paths(q, k, v, cfg, 0, monkeypatch, scale=scale)
     assert rel_err(dv90, dv80) < 2e-3
     assert rel_err(dk90, dk80) < 2e-3
+
+
+# UNIGIST_CUDA_STRIDED=1: q, k, v and dout read in place through their strides
+# (no contiguous copies). Same kernels and the same values, so the outputs must
+# be bitwise those of the default path, which copies first.
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["hf", "buffer", "misaligned"])
+def test_strided_inputs_read_in_place(seed, fwd_path, monkeypatch, d, dtype, layout):
+    cfg = GistConfig(ratio=4, window=100, num_sink=16)
+    b, hq, hkv, n, off = 2, 4, 2, 333, 0
+    dev = "cuda"
+    if layout == "hf":  # HF's [B, N, H, D] projections transposed to [B, H, N, D]
+        q = torch.randn(b, n, hq, d, device=dev, dtype=dtype).transpose(1, 2)
+        k = torch.randn(b, n, hkv, d, device=dev, dtype=dtype).transpose(1, 2)
+        v = torch.randn(b, n, hkv, d, device=dev, dtype=dtype).transpose(1, 2)
+        dout = torch.randn(b, n, hq, d, device=dev, dtype=dtype).transpose(1, 2)
+    elif layout == "buffer":  # keys: the first n rows of a [B, H, capacity, D] buffer
+        q = torch.randn(b, hq, n, d, device=dev, dtype=dtype)
+        k = torch.randn(b, hkv, n + 40, d, device=dev, dtype=dtype)[:, :, :n]
+        v = torch.randn(b, hkv, n + 40, d, device=dev, dtype=dtype)[:, :, :n]
+        dout = torch.randn(b, hq, n, d + 8, device=dev, dtype=dtype)[..., :d]
+    else:  # rows not 16-byte aligned: copied either way
+        q = torch.randn(b, n, hq, d + 1, device=dev, dtype=dtype)[..., 1:].transpose(1, 2)
+        k = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+        v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
+        dout = torch.randn(b, hq, n, d, device=dev, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    got = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("UNIGIST_CUDA_STRIDED", mode)
+        _poison_allocator(q.shape, k.shape, dtype=dtype)
+        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+        dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+        )
+        got[mode] = (out, lse, dq, dk, dv)
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), got["0"], got["1"]):
+        assert c.is_contiguous(), name  # as the fake kernel's outputs
+        assert torch.equal(a, c), name
+    ref = gist_attention_reference(q, k, v, cfg)
+    assert rel_err(got["1"][0], ref) < FWD_TOL[dtype]

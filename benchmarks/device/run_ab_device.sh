@@ -56,6 +56,14 @@ for smoke in "smoke_bwd.py quick" "smoke_cache.py"; do
   rc=$?
   echo "$(el) memcheck $smoke: rc=$rc $(grep -E "ERROR SUMMARY" "$OUT/memcheck_${smoke%%.py*}.log" | tail -1)"
 done
+# In-place (strided) reads, where this tree has them (UNIGIST_CUDA_STRIDED=1).
+if grep -q "def test_strided_inputs_read_in_place" tests/test_cuda_attention.py; then
+  PYTHONPATH=$ROOT timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 -m pytest -q -x -m cuda \
+    -p no:cacheprovider tests/test_cuda_attention.py -k "strided and bfloat16 and hf" > "$OUT/memcheck_strided.log" 2>&1
+  rc=$?
+  echo "$(el) memcheck strided tests: rc=$rc $(grep -E "ERROR SUMMARY" "$OUT/memcheck_strided.log" | tail -1)" \
+    "$(grep -E "passed|failed" "$OUT/memcheck_strided.log" | tail -1)"
+fi
 wait $TESTPID
 wait $BASE_BUILD
 echo "$(el) base built: rc=$(cat "$OUT/rc_base")"

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "cuda/launch.h"
@@ -56,40 +57,17 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return c;
 }
 
-// The fields every attention kernel reads, from q, k, v (contiguous: the
-// kernels index rows as (batch * heads + head) * rows + row) and lse (the
-// forward's output, the backward's input): sizes, the clamped layout and the
-// softmax scale. The caller adds its outputs and the grid order.
-AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                            const Layout32& l, double softmax_scale, int64_t q_offset) {
-  AttnParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.B = static_cast<int>(q.size(0));
-  p.Hq = static_cast<int>(q.size(1));
-  p.Hkv = static_cast<int>(k.size(1));
-  p.group = p.Hq / p.Hkv;
-  p.Nq = static_cast<int>(q.size(2));
-  p.Nk = static_cast<int>(k.size(2));
-  p.q_offset = static_cast<int>(q_offset);
-  p.l = l;
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
-  return p;
-}
-
 // Element strides of t's first three dims (0 for a dim of size 1, whose stride is
 // never stepped), or false when the kernel cannot read t in place: the head dim
-// must be unit-stride, every row 16-byte aligned (cp.async moves 16 bytes).
+// must be unit-stride, every row 16-byte aligned (cp.async moves 16 bytes), the
+// row stride below 2^31 (32-bit in AttnParams).
 bool in_place_strides(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sn) {
   int64_t st[3];
   for (int d = 0; d < 3; ++d) {
     st[d] = t.size(d) == 1 ? 0 : t.stride(d);
     if (st[d] < 0 || st[d] % 8 != 0) return false;
   }
-  if (t.stride(3) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (t.stride(3) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || st[2] > INT_MAX) return false;
   sb = st[0];
   sh = st[1];
   sn = st[2];
@@ -102,6 +80,66 @@ at::Tensor readable(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sn) 
   at::Tensor c = aligned_contiguous(t);
   TORCH_INTERNAL_ASSERT(in_place_strides(c, sb, sh, sn));
   return c;
+}
+
+// UNIGIST_CUDA_STRIDED=1: q, k, v and dout are read in place through their
+// strides (HF's transposed views included) whenever readable() allows, instead
+// of being copied to contiguous tensors first (the default, for now). Read on
+// every call, as UNIGIST_FORCE_SM80.
+bool strided_inputs() {
+  const char* env = std::getenv("UNIGIST_CUDA_STRIDED");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// What the attention kernels read of t: t itself or an aligned contiguous copy
+// (always the copy unless strided_inputs()).
+at::Tensor kernel_input(const at::Tensor& t) {
+  int64_t sb, sh, sn;
+  return strided_inputs() ? readable(t, sb, sh, sn) : aligned_contiguous(t);
+}
+
+// The same for k and v, which must also share their row stride (AttnParams::kv_sn).
+std::pair<at::Tensor, at::Tensor> kernel_kv(const at::Tensor& k, const at::Tensor& v) {
+  if (strided_inputs()) {
+    int64_t kb, kh, kn, vb, vh, vn;
+    if (in_place_strides(k, kb, kh, kn) && in_place_strides(v, vb, vh, vn) && kn == vn) return {k, v};
+  }
+  return {aligned_contiguous(k), aligned_contiguous(v)};
+}
+
+void strides_of(const at::Tensor& t, int64_t& sb, int64_t& sh, int& sn) {
+  int64_t n = 0;
+  TORCH_INTERNAL_ASSERT(in_place_strides(t, sb, sh, n));
+  sn = static_cast<int>(n);
+}
+
+// The fields every attention kernel reads, from the kernel inputs q, k, v
+// (kernel_input) and lse (the forward's output, the backward's input):
+// pointers and strides, sizes, the clamped layout and the softmax scale. The
+// caller adds its outputs and the grid order.
+AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                            const Layout32& l, double softmax_scale, int64_t q_offset) {
+  AttnParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  int v_sn = 0;
+  strides_of(q, p.q_sb, p.q_sh, p.q_sn);
+  strides_of(k, p.k_sb, p.k_sh, p.kv_sn);
+  strides_of(v, p.v_sb, p.v_sh, v_sn);
+  TORCH_INTERNAL_ASSERT(v_sn == p.kv_sn);
+  p.lse = lse.data_ptr<float>();
+  p.B = static_cast<int>(q.size(0));
+  p.Hq = static_cast<int>(q.size(1));
+  p.Hkv = static_cast<int>(k.size(1));
+  p.group = p.Hq / p.Hkv;
+  p.Nq = static_cast<int>(q.size(2));
+  p.Nk = static_cast<int>(k.size(2));
+  p.q_offset = static_cast<int>(q_offset);
+  p.l = l;
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
+  return p;
 }
 
 // Splits of the key blocks: only when the (tile, batch, key head) CTAs fill less
@@ -144,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_fwd_cuda(const at::Tensor& q, 
   check_cuda_qkv(where, q, k, v);
   check_softmax_scale(where, softmax_scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
+  const at::Tensor qc = kernel_input(q);
+  const auto [kc, vc] = kernel_kv(k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
@@ -204,13 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
               q.size(2), "], got ", lse.sizes());
   TORCH_CHECK(std::isfinite(softmax_scale), where, ": softmax_scale must be finite");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
-  const at::Tensor oc = aligned_contiguous(out), doc = aligned_contiguous(dout), lc = lse.contiguous();
+  const at::Tensor qc = kernel_input(q);
+  const auto [kc, vc] = kernel_kv(k, v);
+  const at::Tensor oc = aligned_contiguous(out), doc = kernel_input(dout), lc = lse.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
-  at::Tensor dq = at::empty_like(qc);
-  at::Tensor dk = at::empty_like(kc);
-  at::Tensor dv = at::empty_like(vc);
+  // Contiguous, as the fake kernel's (not empty_like: qc may be a strided view).
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   if (B == 0 || Hq == 0 || Nk == 0) return {dq, dk, dv};
   if (Nq == 0) {
     dk.zero_();
@@ -233,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   AttnParams p = make_attn_params(qc, kc, vc, lc, l, softmax_scale, q_offset);
   p.out = oc.data_ptr();
   p.dout = doc.data_ptr();
+  strides_of(doc, p.do_sb, p.do_sh, p.do_sn);
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
@@ -275,12 +317,13 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
   const bool bf16 = q.scalar_type() == at::kBFloat16;
 
   // A prefill chunk whose tiles of 128 queries (one head each) fill every SM: the
-  // wgmma forward over CacheBlocks (it reads contiguous q/k/v; the copies cost
-  // ~1% of such a call). Fewer queries (decoding): the mma.sync kernel below,
-  // with GQA packing and split-KV.
+  // wgmma forward over CacheBlocks (q/k/v in place with UNIGIST_CUDA_STRIDED=1,
+  // else contiguous copies, ~1% of such a call). Fewer queries (decoding): the
+  // mma.sync kernel below, with GQA packing and split-KV.
   constexpr int64_t kSm90Rows = 128;
   if (B * Hq * ((Nq + kSm90Rows - 1) / kSm90Rows) >= num_sms && use_sm90(q.get_device())) {
-    const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k), vc = aligned_contiguous(v);
+    const at::Tensor qc = kernel_input(q);
+    const auto [kc, vc] = kernel_kv(k, v);
     AttnParams a = make_attn_params(qc, kc, vc, lse, l, softmax_scale, q_offset);
     a.o = out.data_ptr();
     a.head_fast = 0;  // as the interleaved wgmma forward (L2 reuse of a head's keys)

@@ -40,17 +40,18 @@ constexpr int kQTile = 64;  // query tile (must equal the partition used by both
 constexpr int kKBlock = 64; // keys per block (4 warps x 16)
 
 // ---------------------------------------------------------------------------
-// 1. delta[row] = sum_d dout[row, d] * out[row, d]; one warp per row.
+// 1. delta[row] = sum_d dout[row, d] * out[row, d]; one warp per row (row =
+// (b * Hq + h) * Nq + n; out contiguous, dout through its strides).
 template <typename T, int D>
-__global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ out,
-                                                    const T* __restrict__ dout,
-                                                    float* __restrict__ delta, int64_t rows) {
+__global__ void __launch_bounds__(256) delta_kernel(const AttnParams p, int64_t rows) {
   using TT = TypeTraits<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const uint32_t* o = reinterpret_cast<const uint32_t*>(out + row * D);
-  const uint32_t* g = reinterpret_cast<const uint32_t*>(dout + row * D);
+  const int64_t bh = row / p.Nq, n = row % p.Nq;
+  const int64_t dout_off = (bh / p.Hq) * p.do_sb + (bh % p.Hq) * p.do_sh + n * p.do_sn;
+  const uint32_t* o = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.out) + row * D);
+  const uint32_t* g = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.dout) + dout_off);
   float acc = 0.f;
 #pragma unroll
   for (int i = lane; i < D / 2; i += 32) {
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ out,
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) delta[row] = acc;
+  if (lane == 0) const_cast<float*>(p.delta)[row] = acc;
 }
 
 // ---------------------------------------------------------------------------
@@ -85,19 +86,17 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
   const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
-  const int64_t row_off = qt.row0 * D;
-  const T* qg = static_cast<const T*>(p.q) + row_off;
-  const T* dog = static_cast<const T*>(p.dout) + row_off;
-  const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
-  const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
+  const int64_t row_off = qt.row0 * D;  // in dq
+  const T* qg = static_cast<const T*>(p.q) + qt.q_off;
+  const T* dog = static_cast<const T*>(p.dout) + qt.do_off;
+  const T* kg = static_cast<const T*>(p.k) + qt.k_off;
+  const T* vg = static_cast<const T*>(p.v) + qt.v_off;
 
-  auto qrow = [&](const T* base) {
-    return [=](int r) -> const T* {
-      return r < rows_here ? base + static_cast<int64_t>(r) * D : nullptr;
-    };
+  auto qrow = [&](const T* base, int64_t ld) {
+    return [=](int r) -> const T* { return r < rows_here ? base + r * ld : nullptr; };
   };
-  load_rows<BM, D, kBwdThreads>(sQ, qrow(qg), qg);
-  load_rows<BM, D, kBwdThreads>(sdO, qrow(dog), dog);
+  load_rows<BM, D, kBwdThreads>(sQ, qrow(qg, p.q_sn), qg);
+  load_rows<BM, D, kBwdThreads>(sdO, qrow(dog, p.do_sn), dog);
   cp_async_commit();
 
   auto load_kv = [&](int it, int stage) {
@@ -107,14 +106,14 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
         sK + stage * BN * D,
         [&](int r) -> const T* {
           const int j = key_position(l, kind, first, end, r);
-          return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
+          return j >= 0 ? kg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
         },
         kg);
     load_rows<BN, D, kBwdThreads>(
         sV + stage * BN * D,
         [&](int r) -> const T* {
           const int j = key_position(l, kind, first, end, r);
-          return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
+          return j >= 0 ? vg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
         },
         vg);
   };
@@ -277,12 +276,11 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
   block_coords(p, blk, bh, nblk);
   const int b = bh / p.Hq, h = bh % p.Hq;
   const Layout32 l = p.l;
-  const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
-  const T* kg = static_cast<const T*>(p.k) + kv_off;
-  const T* vg = static_cast<const T*>(p.v) + kv_off;
-  const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
-  const T* qg = static_cast<const T*>(p.q) + qrow0 * D;
-  const T* dog = static_cast<const T*>(p.dout) + qrow0 * D;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + (h / p.group) * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + (h / p.group) * p.v_sh;
+  const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;  // in lse, delta
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
 
   const DkdvKeys keys(p, gist_pass, blk, BN);
   const int first = keys.first, end = keys.end;
@@ -316,27 +314,25 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
       sK,
       [&](int r) -> const T* {
         const int j = kpos(r);
-        return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
+        return j >= 0 ? kg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
       },
       kg);
   load_rows<BN, D, kBwdThreads>(
       sV,
       [&](int r) -> const T* {
         const int j = kpos(r);
-        return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
+        return j >= 0 ? vg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
       },
       vg);
   cp_async_commit();
 
   auto load_q = [&](int st, int stage) {
     const int t0 = st * BQ;
-    auto rowp = [&](const T* base) {
-      return [=](int r) -> const T* {
-        return t0 + r < p.Nq ? base + static_cast<int64_t>(t0 + r) * D : nullptr;
-      };
+    auto rowp = [&](const T* base, int64_t ld) {
+      return [=](int r) -> const T* { return t0 + r < p.Nq ? base + (t0 + r) * ld : nullptr; };
     };
-    load_rows<BQ, D, kBwdThreads>(sQ + stage * BQ * D, rowp(qg), qg);
-    load_rows<BQ, D, kBwdThreads>(sdO + stage * BQ * D, rowp(dog), dog);
+    load_rows<BQ, D, kBwdThreads>(sQ + stage * BQ * D, rowp(qg, p.q_sn), qg);
+    load_rows<BQ, D, kBwdThreads>(sdO + stage * BQ * D, rowp(dog, p.do_sn), dog);
     const int tid = threadIdx.x;
     if (tid < BQ) {
       const bool ok = t0 + tid < p.Nq;
@@ -490,8 +486,7 @@ template <typename T, int D>
 void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
   // 1. delta
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
-  delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const T*>(p.out), static_cast<const T*>(p.dout), const_cast<float*>(p.delta), rows);
+  delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;

@@ -55,12 +55,12 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
   const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
 
-  const T* qg = static_cast<const T*>(p.q) + qt.row0 * D;
-  const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
-  const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
+  const T* qg = static_cast<const T*>(p.q) + qt.q_off;
+  const T* kg = static_cast<const T*>(p.k) + qt.k_off;
+  const T* vg = static_cast<const T*>(p.v) + qt.v_off;
 
   load_rows<BM, D, kFwdThreads>(
-      sQ, [&](int r) -> const T* { return r < rows_here ? qg + static_cast<int64_t>(r) * D : nullptr; },
+      sQ, [&](int r) -> const T* { return r < rows_here ? qg + static_cast<int64_t>(r) * p.q_sn : nullptr; },
       qg);
   cp_async_commit();
 
@@ -72,14 +72,14 @@ __global__ void __launch_bounds__(kFwdThreads) gist_attn_fwd_kernel(const AttnPa
         sK + stage * BN * D,
         [&](int r) -> const T* {
           const int j = row(r);
-          return j >= 0 ? kg + static_cast<int64_t>(j) * D : nullptr;
+          return j >= 0 ? kg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
         },
         kg);
     load_rows<BN, D, kFwdThreads>(
         sV + stage * BN * D,
         [&](int r) -> const T* {
           const int j = row(r);
-          return j >= 0 ? vg + static_cast<int64_t>(j) * D : nullptr;
+          return j >= 0 ? vg + static_cast<int64_t>(j) * p.kv_sn : nullptr;
         },
         vg);
   };

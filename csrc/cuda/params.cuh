@@ -13,14 +13,20 @@
 namespace unigist {
 namespace cuda_detail {
 
-// Parameters shared by the forward and backward kernels. Tensors are
-// contiguous: q/out/dout [B, Hq, Nq, D], k/v [B, Hkv, Nk, D].
+// Parameters shared by the forward and backward kernels. q / dout [B, Hq, Nq,
+// D] and k / v [B, Hkv, Nk, D] are read through their element strides (batch,
+// head, row; the head dim unit-stride, rows 16-byte aligned), so a caller's
+// transposed view needs no copy; out, the outputs and lse are contiguous. Row
+// strides are 32-bit and k and v share theirs (the entry points copy
+// otherwise): the wgmma producers have 56 registers.
 struct AttnParams {
   const void* q;
   const void* k;
   const void* v;
   const void* out;
   const void* dout;
+  int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, do_sb, do_sh;  // batch, head
+  int q_sn, kv_sn, do_sn;                                    // row
   void* o;          // forward output
   float* lse;       // [B, Hq, Nq]
   const float* delta;  // backward: rowsum(dout * out) [B, Hq, Nq]
@@ -91,8 +97,9 @@ __device__ __forceinline__ void block_coords(const AttnParams& p, int& blk, int&
 // they start first) and its key blocks of bn keys.
 struct QueryTile {
   int bh, b, h, m0, q_lo, q_hi, rows_here, nblocks;
-  int64_t row0;    // first query row of the tile in q / out / dout / lse: bh * Nq + m0
-  int64_t kv_row0; // first row of the tile's key head in k / v
+  int64_t row0;          // first query row of the tile in out / dq / lse: bh * Nq + m0
+  int64_t q_off, do_off;  // element offset of that row in q / dout
+  int64_t k_off, v_off;   // element offset of the tile's key head in k / v
   KeyBlocks kb;
   __device__ __forceinline__ QueryTile(const AttnParams& p, int bm, int bn) {
     int blk, nblk;
@@ -104,7 +111,10 @@ struct QueryTile {
     rows_here = min(bm, p.Nq - m0);
     q_hi = q_lo + rows_here - 1;
     row0 = static_cast<int64_t>(bh) * p.Nq + m0;
-    kv_row0 = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk;
+    q_off = b * p.q_sb + h * p.q_sh + static_cast<int64_t>(m0) * p.q_sn;
+    do_off = b * p.do_sb + h * p.do_sh + static_cast<int64_t>(m0) * p.do_sn;
+    k_off = b * p.k_sb + (h / p.group) * p.k_sh;
+    v_off = b * p.v_sb + (h / p.group) * p.v_sh;
     kb.init(layout::tile_visit(q_lo, q_hi, p.Nk, p.l.as64()), bn);
     nblocks = kb.total();
   }

@@ -139,18 +139,18 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
 
   auto producer = [&] {
     const int t = threadIdx.x;  // 0..127
-    const int64_t kv_off = (static_cast<int64_t>(b) * p.Hkv + h / p.group) * p.Nk * D;
+    const int64_t k_off = b * p.k_sb + (h / p.group) * p.k_sh, v_off = b * p.v_sb + (h / p.group) * p.v_sh;
     // Zero-filled rows past the block's end: S^T = dP^T = 0 there (masked),
     // never written back.
     {
       const int64_t pos0 = gist_pass ? l.gist_position(first) : first;
       const int64_t stride = gist_pass ? l.ratio + 1 : 1;
-      gather_rows<BN, D>(sK, static_cast<const T*>(p.k) + kv_off, pos0, stride, end - first, t);
-      gather_rows<BN, D>(sV, static_cast<const T*>(p.v) + kv_off, pos0, stride, end - first, t);
+      gather_rows<BN, D>(sK, static_cast<const T*>(p.k) + k_off, pos0, stride, p.kv_sn, end - first, t);
+      gather_rows<BN, D>(sV, static_cast<const T*>(p.v) + v_off, pos0, stride, p.kv_sn, end - first, t);
       cp_async_arrive(kv_full);
     }
-    const T* qg = static_cast<const T*>(p.q) + qrow0 * D;
-    const T* dog = static_cast<const T*>(p.dout) + qrow0 * D;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
     // Rows past Nq: Q, dO, lse and delta zero-filled (finite S^T, dP^T, dS^T;
     // their P^T is masked).
     for (int it = 0; it < n_it; ++it) {
@@ -158,10 +158,10 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       bars.wait_empty(it);
       const int t0 = step_of(it) * BQ;
       const int nrows = p.Nq - t0;
-      gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, nrows, t);
+      gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, p.q_sn, nrows, t);
       if (t < BQ) cp_async4(sL + st * BQ + t, p.lse + qrow0 + (t < nrows ? t0 + t : 0), t < nrows);
       cp_async_arrive(q_full(st));
-      gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, nrows, t);
+      gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, p.do_sn, nrows, t);
       const int r = t - BQ;
       if (t >= BQ) cp_async4(sDl + st * BQ + r, p.delta + qrow0 + (r < nrows ? t0 + r : 0), r < nrows);
       cp_async_arrive(do_full(st));

@@ -75,22 +75,22 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
   const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
-  const int64_t row_off = qt.row0 * D;
+  const int64_t row_off = qt.row0 * D;  // in dq
 
   auto producer = [&] {
     const int t = threadIdx.x;  // 0..127
-    const T* qg = static_cast<const T*>(p.q) + row_off;
-    const T* dog = static_cast<const T*>(p.dout) + row_off;
-    const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
-    const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
+    const T* qg = static_cast<const T*>(p.q) + qt.q_off;
+    const T* dog = static_cast<const T*>(p.dout) + qt.do_off;
+    const T* kg = static_cast<const T*>(p.k) + qt.k_off;
+    const T* vg = static_cast<const T*>(p.v) + qt.v_off;
     // Rows past the tile are zero-filled: their S, dP and dS stay finite and
     // they are never written back.
-    gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
-    gather_rows<BM, D>(sdO, dog, 0, 1, rows_here, t);
+    gather_rows<BM, D>(sQ, qg, 0, 1, p.q_sn, rows_here, t);
+    gather_rows<BM, D>(sdO, dog, 0, 1, p.do_sn, rows_here, t);
     cp_async_arrive(q_full);
     // As the forward's; zero-filled rows past a block's end also make the dS K
     // GEMM multiply a zero dS by a zero K row, never by garbage.
-    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, sK, sV, t);
+    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, p.kv_sn, sK, sV, t);
   };
 
   auto consumer = [&](int wg, int warp, int lane) {

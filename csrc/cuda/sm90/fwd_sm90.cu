@@ -91,12 +91,12 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
 
   auto producer = [&] {
     const int t = threadIdx.x;  // 0..127
-    const T* qg = static_cast<const T*>(p.q) + qt.row0 * D;
-    const T* kg = static_cast<const T*>(p.k) + qt.kv_row0 * D;
-    const T* vg = static_cast<const T*>(p.v) + qt.kv_row0 * D;
-    gather_rows<BM, D>(sQ, qg, 0, 1, rows_here, t);
+    const T* qg = static_cast<const T*>(p.q) + qt.q_off;
+    const T* kg = static_cast<const T*>(p.k) + qt.k_off;
+    const T* vg = static_cast<const T*>(p.v) + qt.v_off;
+    gather_rows<BM, D>(sQ, qg, 0, 1, p.q_sn, rows_here, t);
     cp_async_arrive(q_full);
-    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, sK, sV, t);
+    produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, p.kv_sn, sK, sV, t);
   };
 
   auto consumer = [&](int wg, int warp, int lane) {

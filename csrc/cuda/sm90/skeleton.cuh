@@ -36,21 +36,21 @@ struct SmemCarver {
 // The 128 threads of a producer warpgroup copy a tile of ROWS rows x D 16-bit
 // elements into the SW128 layout (sw128_offset<ROWS>). Tile row r is source row
 // pos0 + stride * r (stride 1: consecutive rows, as Q tiles and sink / window
-// keys; ratio + 1: packed gists), for r < nrows; later rows are zero-filled
+// keys; ratio + 1: packed gists), ld elements apart, for r < nrows; later rows are zero-filled
 // (source not read). Thread t copies chunk t % CPR of tile rows t / CPR + RS * i,
 // so its source address moves by a constant step and its swizzled destination by
 // RS rows (RS a multiple of 8 keeps the XOR pattern): no per-row layout math.
 // Completion is the caller's (cp_async_arrive on an mbarrier).
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, int64_t pos0, int64_t stride,
-                                            int nrows, int t) {
+                                            int ld, int nrows, int t) {
   constexpr int CPR = D / 8;     // 16-byte chunks per row
   constexpr int RS = 128 / CPR;  // rows between a thread's copies
   static_assert(RS % 8 == 0 && ROWS % RS == 0, "tile rows must split over 128 threads in steps of 8");
   const int c = t % CPR, r_first = t / CPR;
   const uint32_t dst0 = sw128_offset<ROWS>(r_first, c);
-  const int64_t off = (pos0 + stride * r_first) * D + c * 8;
-  const int64_t step = stride * RS * D;
+  const int64_t off = (pos0 + stride * r_first) * ld + c * 8;
+  const int64_t step = stride * RS * ld;
   const int nvalid = nrows - r_first;
 #pragma unroll
   for (int i = 0; i < ROWS / RS; ++i) {
@@ -126,7 +126,8 @@ __device__ __forceinline__ void warp_specialize(const RingBarriers<STAGES>& bars
 template <int BN, int D, int STAGES, typename T, typename KB>
 __device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const KB& kb,
                                                   int nblocks, const cuda_detail::Layout32& l, const T* kg,
-                                                  const T* vg, unsigned char* sK, unsigned char* sV, int t) {
+                                                  const T* vg, int kv_ld, unsigned char* sK, unsigned char* sV,
+                                                  int t) {
   constexpr int KV_BYTES = BN * D * 2;
   for (int it = 0; it < nblocks; ++it) {
     const int st = it % STAGES;
@@ -135,9 +136,9 @@ __device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& ba
     kb.block(it, BN, kind, first, end);
     int64_t pos0, stride;
     kb.rows(kind, first, l, pos0, stride);
-    gather_rows<BN, D>(sK + st * KV_BYTES, kg, pos0, stride, end - first, t);
+    gather_rows<BN, D>(sK + st * KV_BYTES, kg, pos0, stride, kv_ld, end - first, t);
     cp_async_arrive(bars.full0(st));
-    gather_rows<BN, D>(sV + st * KV_BYTES, vg, pos0, stride, end - first, t);
+    gather_rows<BN, D>(sV + st * KV_BYTES, vg, pos0, stride, kv_ld, end - first, t);
     cp_async_arrive(bars.full1(st));
   }
   cuda_detail::cp_async_wait<0>();
