@@ -3,6 +3,7 @@
 # does (a refactor's A/B), from the repo root on the GPU machine:
 #   OUT=$OUT bash benchmarks/device/run_ab_device.sh            # base 4cb08b7
 #   BASE_REV=<commit> OUT=$OUT bash benchmarks/device/run_ab_device.sh
+#   BASE_TREE=<dir> OUT=$OUT bash ...   # no .git there: a copy of the base tree made beforehand
 # 1. builds this tree (in place) and the base commit (git archive into /tmp/ab_base)
 #    for sm_90a with ptxas -v, and compares the kernels' registers / spills / smem;
 # 2. pytest -m cuda and compute-sanitizer memcheck (smoke_bwd quick, smoke_cache)
@@ -25,10 +26,17 @@ T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s]"; }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 
-rm -rf "$BASE" && mkdir -p "$BASE"
-if ! git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$BASE"; then
-  echo "cannot export $BASE_REV from $ROOT (no .git?)"
-  exit 1
+if [ -n "${BASE_TREE:-}" ]; then
+  # the device's copy has no .git: the caller copies the base tree before patching this one
+  BASE=$BASE_TREE
+  [ -f "$BASE/setup.py" ] || { echo "BASE_TREE=$BASE holds no setup.py"; exit 1; }
+  rm -rf "$BASE"/build "$BASE"/unigist/_C*.so
+else
+  rm -rf "$BASE" && mkdir -p "$BASE"
+  if ! git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$BASE"; then
+    echo "cannot export $BASE_REV from $ROOT (no .git? then copy the base tree and pass BASE_TREE)"
+    exit 1
+  fi
 fi
 rm -rf "$ROOT"/build "$ROOT"/unigist/_C*.so
 
@@ -98,10 +106,20 @@ bench() {  # bench <name> <dir> <round>
      --shapes 32/8/128 --out "$OUT/cache_$1_$3.md" > "$OUT/cache_$1_$3.log" 2>&1)
   echo "$(el) bench $1 round $3 done"
 }
+bench_hf() {  # this tree on HF's transposed layout, copies (0) vs in-place reads (1)
+  for mode in 0 1; do
+    (PYTHONPATH=$ROOT UNIGIST_CUDA_STRIDED=$mode timeout 90 python3 benchmarks/bench_attention.py --no-flex \
+       --layout hf --heads 32 --kv-heads 8 --dim 64 --window 1024 --n 4096 8192 --ratio 4 \
+       --out "$OUT/attn_hf_strided$mode.md" > "$OUT/attn_hf_strided$mode.log" 2>&1)
+    echo "$(el) bench hf layout, UNIGIST_CUDA_STRIDED=$mode: rc=$?"
+    grep -E "^\| hf" "$OUT/attn_hf_strided$mode.md" 2>/dev/null | cut -d'|' -f6,8,11,12,15,16
+  done
+}
 for round in 1 2; do
   if [ $(($(date +%s) - T0)) -gt "${DEADLINE:-420}" ]; then echo "$(el) past DEADLINE: round $round skipped"; break; fi
   bench base "$BASE" $round
   bench new "$ROOT" $round
+  if [ $round = 1 ] && grep -q "def test_strided_inputs_read_in_place" tests/test_cuda_attention.py; then bench_hf; fi
 done
 
 python3 - "$OUT" <<'EOF'
