@@ -500,9 +500,9 @@ def test_dkdv_paths_agree_scale(seed, monkeypatch, scale):
     assert rel_err(dk90, dk80) < 2e-3
 
 
-# UNIGIST_CUDA_STRIDED=1: q, k, v and dout read in place through their strides
-# (no contiguous copies). Same kernels and the same values, so the outputs must
-# be bitwise those of the default path, which copies first.
+# By default q, k, v and dout are read in place through their strides;
+# UNIGIST_CUDA_STRIDED=0 copies them to contiguous tensors first. Same kernels
+# and the same values, so the outputs must be bitwise equal.
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["hf", "buffer", "misaligned"])
