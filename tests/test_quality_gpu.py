@@ -180,3 +180,21 @@ def test_curriculum_stream():
         s = tasks.samples(g, 100, seed=0)
         assert {b for x in s for b in x.kv_bin} == {0, 1, 2, 3}
         assert abs(config.CURRICULUM[1] * g.base_len - gtask.base_len) <= config.CURRICULUM[1]
+
+
+def test_report_of_the_second_run_with_two_seeds(tmp_path):
+    """The second H200 run (committed JSONs; seed 1 only for full attention and the fine-tune arm):
+    full attention learned the passkey, so the outcome is a real comparison, seeds aggregate per
+    method, and a method that ran one seed is printed without a spread."""
+    runs = "benchmarks/results/quality_gpu_runs/2026-12-02-run2"
+    assert report.main(["--results", f"{runs}/A", f"{runs}/B", f"{runs}/A_seed1", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "quality_gpu.md").read_text()
+    assert "Uninformative" not in md and "seeds [0, 1]" in md
+    outcome = md.split("## Outcome")[1].split("## Setup")[0]
+    assert outcome.count("loses to the best same-budget control") >= 4  # every gist variant on the passkey
+    assert "From-scratch UniGist r=4 stayed at chance beyond the window on both tasks" in md
+    passkey = md.split("### Passkey exact match")[1].split("###")[0]
+    assert "| Full attention (no budget) | 100.0 ± 0.0 |" in passkey  # two seeds: mean ± std
+    assert "| UniGist r=4, raw-before-gist predicts | 4.3 | 4.8 |" in passkey  # one seed: no ±
+    throughput = md.split("## Training throughput")[1].split("## Results")[0]
+    assert throughput.count("| full | ") == 2  # one row per seed
