@@ -274,21 +274,35 @@ def test_bad_inputs_raise():
 # ---- both forward kernels: wgmma (sm_90a) and mma.sync -------------------
 # gist_attention_fwd runs the wgmma kernel on a compute-capability 9.0 GPU
 # unless UNIGIST_FORCE_SM80=1 (read on every call); the tests above run
-# whichever is the default, these run each explicitly.
+# whichever is the default, these run each explicitly. The wgmma kernel has two
+# tile shapes at D=64 (UNIGIST_SM90_FWD_CONSUMERS: 2 consumer warpgroups x 64
+# rows, or 3), and so has the wgmma dQ kernel (UNIGIST_SM90_DQ_CONSUMERS);
+# "sm90x2" and "sm90x3" run each (at D=128 they are the same).
 
 
-@pytest.fixture(params=["sm90", "sm80"])
-def fwd_path(request, monkeypatch):
-    monkeypatch.setenv("UNIGIST_FORCE_SM80", "1" if request.param == "sm80" else "0")
+def _select_path(path, monkeypatch):
+    monkeypatch.setenv("UNIGIST_FORCE_SM80", "1" if path == "sm80" else "0")
+    for var in ("UNIGIST_SM90_FWD_CONSUMERS", "UNIGIST_SM90_DQ_CONSUMERS"):
+        monkeypatch.setenv(var, "3" if path == "sm90x3" else "2")
     arch = torch.ops.unigist.gist_attention_fwd_arch(torch.empty(1, device="cuda"))
-    if request.param == "sm80":
+    if path == "sm80":
         assert arch == 80
     elif torch.cuda.get_device_capability() != (9, 0):
         assert arch == 80
         pytest.skip("the wgmma forward needs a compute-capability 9.0 GPU")
     else:
         assert arch == 90, "cc 9.0 GPU but no sm_90a kernel in this build (TORCH_CUDA_ARCH_LIST without 9.0a?)"
-    return request.param
+    return path
+
+
+@pytest.fixture(params=["sm90x2", "sm90x3", "sm80"])
+def fwd_path(request, monkeypatch):
+    return _select_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["sm90x2", "sm90x3", "sm80"])
+def bwd_path(request, monkeypatch):
+    return _select_path(request.param, monkeypatch)
 
 
 def _poison_allocator(*shapes, dtype):
@@ -365,11 +379,6 @@ def test_forward_paths_agree(seed, monkeypatch):
 # gist_attention_bwd takes the wgmma dQ and dK/dV kernels on the forward's
 # condition (UNIGIST_FORCE_SM80, read on every call); delta and the group
 # reduction are shared. These tests run every backward case on each path.
-
-
-@pytest.fixture
-def bwd_path(fwd_path):
-    return fwd_path
 
 
 def _check_bwd(q, k, v, cfg, off, tol, scale=None):

@@ -73,21 +73,24 @@ def test_cache_forward_matches_reference(seed, cfg, d, dtype):
         _check(q, k, v, cfg, kl, q_offset, TOL[dtype], (kl, nk, q_offset, nq, hq, hkv, seed))
 
 
-@pytest.mark.parametrize("force_sm80", ["0", "1"])
+@pytest.mark.parametrize("path", ["sm90x2", "sm90x3", "sm80"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_prefill_chunks_filling_the_gpu(seed, monkeypatch, force_sm80, d):
-    """Chunks with enough (query tile, head) pairs to fill the GPU: on sm_90a the wgmma
-    forward over the cache's key blocks, else (and with UNIGIST_FORCE_SM80=1) mma.sync."""
-    monkeypatch.setenv("UNIGIST_FORCE_SM80", force_sm80)
+def test_prefill_chunks_filling_the_gpu(seed, monkeypatch, path, d):
+    """Chunks with enough (query tile, head) pairs to fill the GPU (2 x 32 heads x >= 3
+    tiles of up to 192 queries >= 132 SMs): on sm_90a the wgmma forward over the cache's
+    key blocks (at D=64 with 2 or 3 consumer warpgroups), else (and with
+    UNIGIST_FORCE_SM80=1) mma.sync."""
+    monkeypatch.setenv("UNIGIST_FORCE_SM80", "1" if path == "sm80" else "0")
+    monkeypatch.setenv("UNIGIST_SM90_FWD_CONSUMERS", "3" if path == "sm90x3" else "2")
     rng = random.Random(seed)
     for cfg in (CONFIGS[2], CONFIGS[3], CONFIGS[1]):
-        nq = rng.randint(300, 700)
+        nq = rng.randint(400, 700)
         kl, nk, q_offset = random_cache(cfg, rng, max_seen=3000, chunk=nq)
         dtype = rng.choice(DTYPES)
         q = torch.randn(2, 32, nq, d, dtype=dtype, device="cuda")
         k = torch.randn(2, 8, nk, d, dtype=dtype, device="cuda")
         v = torch.randn(2, 8, nk, d, dtype=dtype, device="cuda")
-        _check(q, k, v, cfg, kl, q_offset, TOL[dtype], (force_sm80, kl, nk, q_offset, nq, seed))
+        _check(q, k, v, cfg, kl, q_offset, TOL[dtype], (path, kl, nk, q_offset, nq, seed))
 
 
 @pytest.mark.parametrize("splits", ["1", "3", "64"])

@@ -20,18 +20,23 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--ratio", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default: --heads")
+    ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--bwd", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="calls (ncu -s N skips the first N launches)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    cfg = GistConfig(ratio=a.ratio, window=1024, num_sink=128)
+    cfg = GistConfig(ratio=a.ratio, window=a.window, num_sink=128)
+    n = a.n  # positions (raw tokens and gists), as bench_attention.py's N
     q, k, v = (
-        torch.randn(1, a.heads, a.n, a.dim, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
-        for _ in range(3)
+        torch.randn(1, h, n, a.dim, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
+        for h in (a.heads, a.kv_heads or a.heads, a.kv_heads or a.heads)
     )
-    out = unigist.gist_attention(q, k, v, cfg, softmax_scale=1 / math.sqrt(a.dim))
-    if a.bwd:
-        out.backward(torch.randn_like(out))
+    for _ in range(a.repeat):
+        out = unigist.gist_attention(q, k, v, cfg, softmax_scale=1 / math.sqrt(a.dim))
+        if a.bwd:
+            out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     print("ok", out.shape, torch.isnan(out).any().item())
     return 0

@@ -317,12 +317,16 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
 
-  // A prefill chunk whose tiles of 128 queries (one head each) fill every SM: the
+  // A prefill chunk whose query tiles (one head each) fill every SM: the
   // wgmma forward over CacheBlocks (q/k/v in place; the copies of
   // UNIGIST_CUDA_STRIDED=0 cost ~1% of such a call). Fewer queries (decoding): the
   // mma.sync kernel below, with GQA packing and split-KV.
-  constexpr int64_t kSm90Rows = 128;
-  if (B * Hq * ((Nq + kSm90Rows - 1) / kSm90Rows) >= num_sms && use_sm90(q.get_device())) {
+  const bool sm90 = use_sm90(q.get_device());
+  int64_t sm90_rows = 128;
+#ifdef UNIGIST_WITH_SM90
+  if (sm90) sm90_rows = fwd_sm90_rows(static_cast<int>(D));
+#endif
+  if (sm90 && B * Hq * ((Nq + sm90_rows - 1) / sm90_rows) >= num_sms) {
     const at::Tensor qc = kernel_input(q);
     const auto [kc, vc] = kernel_kv(k, v);
     AttnParams a = make_attn_params(qc, kc, vc, lse, l, softmax_scale, q_offset);

@@ -164,23 +164,63 @@ __device__ __forceinline__ bool block_needs_mask(const Layout32& l, int kind, in
   return last >= end || last > q_lo || (kind == 0 ? false : q_hi - first >= l.window);
 }
 
+// Calls f(j, e, ok) for each element s[j][e] of the thread's fragment over key
+// block (kind, first, end): row qpos[e >> 1], key slot 8j + 2(lane % 4) + (e & 1);
+// ok says whether that (query, key) pair is visible. Gist blocks are visible to
+// every query of the tile but for slots past the block's end. In sink and local
+// blocks the keys are the consecutive positions first + slot, and row q sees key
+// k < end iff k <= q and (q - k < window, or k is a sink or a gist): that last
+// part depends on the key only, so it is computed per slot, and the gist test
+// (k mod (ratio + 1) == ratio) is carried from slot to slot. The per-element
+// modulo it replaces (layout::visible) was an integer division of ~25
+// instructions per element, which made a masked block cost several unmasked
+// ones (benchmarks/NOTES.md, 2026-12-03).
+template <int NT, typename F>
+__device__ __forceinline__ void fragment_visibility(const Layout32& l, int kind, int first, int end,
+                                                    const int (&qpos)[2], int lane, F&& f) {
+  const int c0 = 2 * (lane & 3);
+  if (kind == 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool ok = first + j * 8 + c0 + c < end;
+        f(j, c, ok);
+        f(j, 2 + c, ok);
+      }
+    return;
+  }
+  const int m = l.ratio + 1;
+  const int step = 8 % m;
+  int g = (first + c0) % m;  // position mod (ratio + 1) of slot 8j + c0; one division per block
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int kp = first + j * 8 + c0 + c;
+      const int gc = g + c < m ? g + c : g + c - m;
+      const bool far_ok = kp < l.num_sink || gc == l.ratio;  // visible beyond the window
+      const bool in = kp < end;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int q = qpos[hr];
+        f(j, 2 * hr + c, in && kp <= q && (q - kp < l.window || far_ok));
+      }
+    }
+    g += step;
+    if (g >= m) g -= m;
+  }
+}
+
 // Sets the invisible entries to -inf; qpos(hr) = query position of the
 // thread's row r0 + 8 hr.
 template <int NT, typename QPos>
 __device__ __forceinline__ void mask_fragment_at(float (&s)[NT][4], const Layout32& l, int kind, int first,
                                                  int end, const QPos& qpos, int lane) {
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + c);
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const bool ok = kp >= 0 && (kind == 1 || l.visible(qpos(hr), kp));
-        if (!ok) s[j][2 * hr + c] = -INFINITY;
-      }
-    }
-  }
+  const int q[2] = {qpos(0), qpos(1)};
+  fragment_visibility<NT>(l, kind, first, end, q, lane, [&](int j, int e, bool ok) {
+    if (!ok) s[j][e] = -INFINITY;
+  });
 }
 
 // Rows of one query each: qp0 = query position of row r0.

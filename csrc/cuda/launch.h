@@ -23,6 +23,8 @@ void launch_cache_fwd(const CacheParams& p, bool bf16, int head_dim, int tiles, 
 // use_sm90(device): they are built, the device is compute capability 9.0 and
 // UNIGIST_FORCE_SM80 is not "1".
 bool use_sm90(int device);
+// Query rows per CTA of the wgmma forward (and of its compressed-cache form).
+int fwd_sm90_rows(int head_dim);
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
 // The same kernel over a compressed cache (p.cached, p.tail_start, p.tail_end):
 // gist_attention_cache_fwd's path for chunks that fill the GPU.

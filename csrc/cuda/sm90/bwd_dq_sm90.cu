@@ -9,7 +9,8 @@
 //   dQ += dS K                              (wgmma RS, K read MN-major)
 // The skeleton is the wgmma forward's (fwd_sm90.cu, skeleton.cuh): a producer
 // warpgroup gathers Q and dO once and K/V per block into a ring completing on
-// mbarriers, two consumer warpgroups own 64 query rows each.
+// mbarriers, two (three at D=64, see Sm90Dq) consumer warpgroups own 64 query
+// rows each.
 //
 // BN = 64 keys per block: the S, dP and dQ accumulators (32 + 32 + 64 fp32 at
 // D = 128) plus dS packed for the RS GEMM (16) and the Q fragments (32) fit the
@@ -19,6 +20,9 @@
 // tiles: dQ of a row sums over all its visible keys, and tile_visit of any tile
 // visits each of them once for every row of the tile.
 #include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/dispatch.cuh"
 #include "cuda/key_visit.cuh"
@@ -38,26 +42,32 @@ namespace cuda_detail {
 // Q in registers halves the shared-memory reads of the S GEMM: at BN = 64 an
 // SS m64n64k16 reads 4 KB of shared memory per 32 tensor-core cycles, the SM's
 // whole shared-memory bandwidth. It costs 32 consumer registers at D = 128.
-template <int D>
+// CONSUMERS = 3 (BM = 192) only at D=64, for the forward's reason (fwd_sm90.cu):
+// the exp2 of P costs as much as at D=128 while the three GEMMs halve. 160
+// registers hold D=64's S, dP, dQ (32 each), dS (16) and Q (16).
+template <int D, int CONSUMERS>
 struct Sm90Dq {
-  static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
+  static_assert(CONSUMERS == 2 || (CONSUMERS == 3 && D == 64), "3 consumers only at D=64 (registers)");
+  static constexpr int BM = 64 * CONSUMERS;
   static constexpr int BN = 64;
   // Q + dO take 64 KB at D = 128; 4 stages of K + V (32 KB each) fill most of
   // the rest. One CTA per SM either way (registers).
   static constexpr int STAGES = 4;
-  static constexpr int THREADS = sm90::kThreads;
+  static constexpr int THREADS = sm90::threads_for(CONSUMERS);
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
   static constexpr int NBARS = 1 + 3 * STAGES;
   static constexpr int SMEM = 1024 + 2 * Q_BYTES + 2 * STAGES * KV_BYTES + 8 * NBARS;
-  static constexpr int PRODUCER_REGS = 40;
-  static constexpr int CONSUMER_REGS = 232;
+  static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 40 : 32;
+  static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 232 : 160;
+  static_assert(128 * PRODUCER_REGS + 128 * CONSUMERS * CONSUMER_REGS <= 65536, "register budget");
+  static_assert(SMEM <= 227 * 1024, "shared memory");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const AttnParams p) {
+template <typename T, int D, int CONSUMERS>
+__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd_dq_sm90_kernel(const AttnParams p) {
   using namespace sm90;
-  using C = Sm90Dq<D>;
+  using C = Sm90Dq<D, CONSUMERS>;
   constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
   constexpr int NT = BN / 8;  // key tiles of S and dP
   constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of dQ
@@ -68,7 +78,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   unsigned char* sdO = smem.take(C::Q_BYTES);
   unsigned char* sK = smem.take(STAGES * C::KV_BYTES);
   unsigned char* sV = smem.take(STAGES * C::KV_BYTES);
-  const RingBarriers<STAGES> bars{smem_u32(smem.next)};
+  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next)};
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
@@ -138,19 +148,15 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
       int kind, first, end;
       kb.block(it, BN, kind, first, end);
       const bool need_mask = block_needs_mask(l, kind, first, end, BN, q_lo, q_hi);
-      const int qp0 = q_lo + r0;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pr = exp2f(fmaf(s[j][e], p.scale_log2, -lse2[e >> 1]));
-          if (need_mask) {
-            const int kp = key_position(l, kind, first, end, j * 8 + 2 * (lane & 3) + (e & 1));
-            const bool ok = kp >= 0 && (kind == 1 || l.visible(qp0 + (e >> 1) * 8, kp));
-            if (!ok) pr = 0.f;
-          }
-          s[j][e] = pr;
-        }
+        for (int e = 0; e < 4; ++e) s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -lse2[e >> 1]));
+      if (need_mask) {
+        const int qpos[2] = {q_lo + r0, q_lo + r0 + 8};
+        fragment_visibility<NT>(l, kind, first, end, qpos, lane, [&](int j, int e, bool ok) {
+          if (!ok) s[j][e] = 0.f;
+        });
       }
     };
     // dS in place of P (fp32); packed once the dQ GEMM that reads dsf is done.
@@ -206,10 +212,10 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dq_sm90_kernel(const Att
   warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);
 }
 
-template <typename T, int D>
+template <typename T, int D, int CONSUMERS>
 void launch_bwd_dq_sm90_t(AttnParams p, cudaStream_t stream) {
-  using C = Sm90Dq<D>;
-  auto kernel = gist_attn_bwd_dq_sm90_kernel<T, D>;
+  using C = Sm90Dq<D, CONSUMERS>;
+  auto kernel = gist_attn_bwd_dq_sm90_kernel<T, D, CONSUMERS>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
   // Query tiles along x: the resident CTAs then share a few heads' K/V and gist
   // rows in L2 (the forward measured 53% -> 92% L2 hits with this order).
@@ -220,7 +226,16 @@ void launch_bwd_dq_sm90_t(AttnParams p, cudaStream_t stream) {
 }
 
 void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_bwd_dq_sm90_t<T, kHeadDim>(p, stream); });
+  // 3 consumers at D=64 unless UNIGIST_SM90_DQ_CONSUMERS=2 (read on every call; for
+  // A/B runs): the dQ kernel 1.3% (4k) to 2.2% (8k) of fwd+bwd faster (NOTES.md, 2026-12-03).
+  const char* env = std::getenv("UNIGIST_SM90_DQ_CONSUMERS");
+  const bool three = !(env != nullptr && std::strcmp(env, "2") == 0);
+  UNIGIST_DISPATCH(bf16, head_dim, [&] {
+    if constexpr (kHeadDim == 64) {
+      if (three) return launch_bwd_dq_sm90_t<T, kHeadDim, 3>(p, stream);
+    }
+    launch_bwd_dq_sm90_t<T, kHeadDim, 2>(p, stream);
+  });
 }
 
 }  // namespace cuda_detail

@@ -10,7 +10,7 @@
 //     per-thread stride inside each block rather than a TMA tensor map. Each
 //     thread's copies complete on an mbarrier (cp.async.mbarrier.arrive.noinc),
 //     so no CTA-wide __syncthreads sits in the loop.
-//   * warpgroups 1 and 2 (consumers) own 64 query rows each (BM = 128) and
+//   * the consumer warpgroups own 64 query rows each (BM = 64 x consumers) and
 //     run S = Q K^T (A and B from shared memory) and O += P V (P from
 //     registers, V read MN-major), with the online softmax in registers (a
 //     lazy running max: O is rescaled only when a row's max grows by more
@@ -25,6 +25,9 @@
 // compressed-cache key layout (kCache: CacheBlocks instead of KeyBlocks).
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/dispatch.cuh"
 #include "cuda/epilogue.cuh"
 #include "cuda/key_visit.cuh"
@@ -36,22 +39,32 @@
 namespace unigist {
 namespace cuda_detail {
 
-template <int D>
+// CONSUMERS = 2 or 3 consumer warpgroups. At D=64 a key block's two GEMMs are
+// half as long as at D=128 while its softmax (one exp2 per score on the SFU,
+// 16 per clock per SM) is as long, so a third consumer (BM = 192, as
+// FlashAttention-3's hdim-64 tile) was to keep the tensor cores fed while two
+// are in their softmax. Measured (NOTES v12): 4.8% faster at N=8k, 1.2% slower
+// at 4k; the default at D=64. Its registers, 160 per consumer thread, hold
+// D=64's O (32), S (64) and P (32); D=128's do not fit.
+template <int D, int CONSUMERS>
 struct Sm90Fwd {
-  static constexpr int BM = 128;  // 2 consumer warpgroups x 64 rows
+  static_assert(CONSUMERS == 2 || (CONSUMERS == 3 && D == 64), "3 consumers only at D=64 (registers)");
+  static constexpr int BM = 64 * CONSUMERS;
   static constexpr int BN = 128;  // keys per block
   // K/V ring depth, 3 stages: with Q 225 KB at D=128 (of 227 KB), one CTA per
   // SM; measured 2.5-4.6% faster than 2 stages (benchmarks/NOTES.md v6).
   static constexpr int STAGES = 3;
-  static constexpr int THREADS = sm90::kThreads;
+  static constexpr int THREADS = sm90::threads_for(CONSUMERS);
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
   static constexpr int NBARS = 1 + 3 * STAGES;
   // + 1024: the dynamic smem base is rounded up to the 1024-byte alignment
   // of the swizzle atoms.
   static constexpr int SMEM = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + 8 * NBARS;
-  static constexpr int PRODUCER_REGS = 56;
-  static constexpr int CONSUMER_REGS = 224;  // 128 * 56 + 256 * 224 <= 64 K registers
+  static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 56 : 32;
+  static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 224 : 160;
+  static_assert(128 * PRODUCER_REGS + 128 * CONSUMERS * CONSUMER_REGS <= 65536, "register budget");
+  static_assert(SMEM <= 227 * 1024, "shared memory");
 };
 
 template <bool first, typename A, typename B>
@@ -65,10 +78,10 @@ __device__ __forceinline__ const auto& pick(const A& a, const B& b) {
 
 // kCache: keys in the compressed-cache layout (CacheBlocks; gist_attention_cache_fwd),
 // else the interleaved layout (KeyBlocks).
-template <typename T, int D, bool kCache>
-__global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
+template <typename T, int D, int CONSUMERS, bool kCache>
+__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
   using namespace sm90;
-  using C = Sm90Fwd<D>;
+  using C = Sm90Fwd<D, CONSUMERS>;
   constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
   constexpr int NT = BN / 8;  // key tiles of S
   constexpr int DT = D / 8;   // 16-byte chunks per row, d tiles of O
@@ -78,7 +91,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   unsigned char* sQ = smem.take(C::Q_BYTES);
   unsigned char* sK = smem.take(STAGES * C::KV_BYTES);
   unsigned char* sV = smem.take(STAGES * C::KV_BYTES);
-  const RingBarriers<STAGES> bars{smem_u32(smem.next)};
+  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next)};
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
@@ -179,22 +192,42 @@ __global__ void __launch_bounds__(384, 1) gist_attn_fwd_sm90_kernel(const AttnPa
   warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);
 }
 
-template <typename T, int D, bool kCache>
+template <typename T, int D, int CONSUMERS, bool kCache>
 void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
-  using C = Sm90Fwd<D>;
-  auto kernel = gist_attn_fwd_sm90_kernel<T, D, kCache>;
+  using C = Sm90Fwd<D, CONSUMERS>;
+  auto kernel = gist_attn_fwd_sm90_kernel<T, D, CONSUMERS, kCache>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
   const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <bool kCache>
+void launch_fwd_sm90_any(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
+  const bool three = fwd_sm90_rows(head_dim) == 192;
+  UNIGIST_DISPATCH(bf16, head_dim, [&] {
+    if constexpr (kHeadDim == 64) {
+      if (three) return launch_fwd_sm90_t<T, kHeadDim, 3, kCache>(p, stream);
+    }
+    launch_fwd_sm90_t<T, kHeadDim, 2, kCache>(p, stream);
+  });
+}
+
+int fwd_sm90_rows(int head_dim) {
+  // 3 consumers at D=64 unless UNIGIST_SM90_FWD_CONSUMERS=2 (read on every call, as
+  // UNIGIST_FORCE_SM80; for A/B runs): H200, 32/8 heads, HF layout, forward 4.8% faster
+  // at N=8k, 1.2% slower at 4k (benchmarks/NOTES.md, 2026-12-03).
+  const char* env = std::getenv("UNIGIST_SM90_FWD_CONSUMERS");
+  const bool two = env != nullptr && std::strcmp(env, "2") == 0;
+  return head_dim == 64 && !two ? 192 : 128;
+}
+
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_fwd_sm90_t<T, kHeadDim, false>(p, stream); });
+  launch_fwd_sm90_any<false>(p, bf16, head_dim, stream);
 }
 
 void launch_cache_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
-  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_fwd_sm90_t<T, kHeadDim, true>(p, stream); });
+  launch_fwd_sm90_any<true>(p, bf16, head_dim, stream);
 }
 
 }  // namespace cuda_detail

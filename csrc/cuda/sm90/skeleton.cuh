@@ -14,9 +14,11 @@
 namespace unigist {
 namespace sm90 {
 
-// The three kernels' CTA: 3 warpgroups, warpgroup 0 the producer, 1 and 2
-// the consumers (64 rows or keys each).
-constexpr int kThreads = 384;
+// A CTA is warpgroup 0 (the producer) and `consumers` consumer warpgroups of
+// 64 rows or keys each: 2 in the dQ and dK/dV kernels and in the forward at
+// D=128, 3 in the forward at D=64 (fwd_sm90.cu says why).
+constexpr int threads_for(int consumers) { return 128 * (1 + consumers); }
+constexpr int kThreads = threads_for(2);
 
 // The dynamic shared memory from its first 1024-byte boundary (the swizzle
 // atoms' alignment; a kernel asks for 1024 bytes more than it takes), handed
@@ -64,9 +66,10 @@ __device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, i
 // and V), then per ring stage two "full" barriers for the two streamed operands
 // (K and V; Q and dO) and one "empty". A full barrier completes on one
 // cp.async arrival per producer thread, an empty one on one arrival per
-// consumer warp.
-template <int STAGES>
+// consumer warp (4 per consumer warpgroup).
+template <int STAGES, int CONSUMERS = 2>
 struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
+  static constexpr int kStages = STAGES;
   uint32_t bar0;
   __device__ __forceinline__ uint32_t once() const { return bar0; }
   __device__ __forceinline__ uint32_t full0(int st) const { return bar0 + 8 * (1 + st); }
@@ -78,7 +81,7 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(full0(st), 128);
       mbar_init(full1(st), 128);
-      mbar_init(empty(st), 8);
+      mbar_init(empty(st), 4 * CONSUMERS);
     }
     mbar_init_fence();
   }
@@ -98,12 +101,12 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
 };
 
 // Runs producer() on warpgroup 0 and consumer(wg, warp, lane) on
-// warpgroups 1 and 2 (wg 0 / 1, warp in the warpgroup), each with its register
-// share, once thread 0 has initialized the barriers. setmaxnreg only takes
-// effect when the two roles are the two branches of one if/else: that shape
-// lives here, once.
-template <int PRODUCER_REGS, int CONSUMER_REGS, int STAGES, typename Producer, typename Consumer>
-__device__ __forceinline__ void warp_specialize(const RingBarriers<STAGES>& bars, const Producer& producer,
+// the other warpgroups (wg 0, 1, ..., warp in the warpgroup), each with its
+// register share, once thread 0 has initialized the barriers. setmaxnreg only
+// takes effect when the two roles are the two branches of one if/else: that
+// shape lives here, once.
+template <int PRODUCER_REGS, int CONSUMER_REGS, typename Bars, typename Producer, typename Consumer>
+__device__ __forceinline__ void warp_specialize(const Bars& bars, const Producer& producer,
                                                 const Consumer& consumer) {
   if (threadIdx.x == 0) bars.init();
   __syncthreads();
@@ -123,12 +126,12 @@ __device__ __forceinline__ void warp_specialize(const RingBarriers<STAGES>& bars
 // keys (sink / window / cached rows) or gists ratio + 1 positions apart: a
 // constant-stride gather; rows past the block's end are zero-filled (masked in
 // S, and a zero row keeps 0 * garbage from becoming NaN).
-template <int BN, int D, int STAGES, typename T, typename KB>
-__device__ __forceinline__ void produce_kv_blocks(const RingBarriers<STAGES>& bars, const KB& kb,
+template <int BN, int D, typename Bars, typename T, typename KB>
+__device__ __forceinline__ void produce_kv_blocks(const Bars& bars, const KB& kb,
                                                   int nblocks, const cuda_detail::Layout32& l, const T* kg,
                                                   const T* vg, int kv_ld, unsigned char* sK, unsigned char* sV,
                                                   int t) {
-  constexpr int KV_BYTES = BN * D * 2;
+  constexpr int KV_BYTES = BN * D * 2, STAGES = Bars::kStages;
   for (int it = 0; it < nblocks; ++it) {
     const int st = it % STAGES;
     bars.wait_empty(it);
