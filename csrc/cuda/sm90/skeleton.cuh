@@ -15,8 +15,8 @@ namespace unigist {
 namespace sm90 {
 
 // A CTA is warpgroup 0 (the producer) and `consumers` consumer warpgroups of
-// 64 rows or keys each: 2 in the dQ and dK/dV kernels and in the forward at
-// D=128, 3 in the forward at D=64 (fwd_sm90.cu says why).
+// 64 rows or keys each: 2 in the dK/dV kernels and, at D=128, in the forward
+// and dQ; 3 in the forward and dQ at D=64 (fwd_sm90.cu says why).
 constexpr int threads_for(int consumers) { return 128 * (1 + consumers); }
 constexpr int kThreads = threads_for(2);
 
