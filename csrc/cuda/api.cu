@@ -88,8 +88,7 @@ at::Tensor readable(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sn) 
 // UNIGIST_CUDA_STRIDED=0 copies to contiguous tensors as before (the A/B
 // switch). Read on every call, as UNIGIST_FORCE_SM80.
 bool strided_inputs() {
-  const char* env = std::getenv("UNIGIST_CUDA_STRIDED");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  return !env_is("UNIGIST_CUDA_STRIDED", "0");
 }
 
 // What the attention kernels read of t: t itself or an aligned contiguous copy
@@ -161,8 +160,7 @@ int cache_splits(int64_t ctas, int64_t nblocks, int num_sms) {
 
 bool use_sm90(int device) {
 #ifdef UNIGIST_WITH_SM90
-  const char* force = std::getenv("UNIGIST_FORCE_SM80");
-  if (force != nullptr && std::strcmp(force, "1") == 0) return false;
+  if (env_is("UNIGIST_FORCE_SM80", "1")) return false;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   return prop->major == 9 && prop->minor == 0;
 #else

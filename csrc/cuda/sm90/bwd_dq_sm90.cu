@@ -21,9 +21,6 @@
 // visits each of them once for every row of the tile.
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "cuda/dispatch.cuh"
 #include "cuda/key_visit.cuh"
 #include "cuda/launch.h"
@@ -228,8 +225,7 @@ void launch_bwd_dq_sm90_t(AttnParams p, cudaStream_t stream) {
 void launch_bwd_dq_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
   // 3 consumers at D=64 unless UNIGIST_SM90_DQ_CONSUMERS=2 (read on every call; for
   // A/B runs): the dQ kernel 1.3% (4k) to 2.2% (8k) of fwd+bwd faster (NOTES.md, 2026-12-03).
-  const char* env = std::getenv("UNIGIST_SM90_DQ_CONSUMERS");
-  const bool three = !(env != nullptr && std::strcmp(env, "2") == 0);
+  const bool three = !env_is("UNIGIST_SM90_DQ_CONSUMERS", "2");
   UNIGIST_DISPATCH(bf16, head_dim, [&] {
     if constexpr (kHeadDim == 64) {
       if (three) return launch_bwd_dq_sm90_t<T, kHeadDim, 3>(p, stream);

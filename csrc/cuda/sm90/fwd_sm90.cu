@@ -25,9 +25,6 @@
 // compressed-cache key layout (kCache: CacheBlocks instead of KeyBlocks).
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "cuda/dispatch.cuh"
 #include "cuda/epilogue.cuh"
 #include "cuda/key_visit.cuh"
@@ -217,9 +214,7 @@ int fwd_sm90_rows(int head_dim) {
   // 3 consumers at D=64 unless UNIGIST_SM90_FWD_CONSUMERS=2 (read on every call, as
   // UNIGIST_FORCE_SM80; for A/B runs): H200, 32/8 heads, HF layout, forward 4.8% faster
   // at N=8k, 1.2% slower at 4k (benchmarks/NOTES.md, 2026-12-03).
-  const char* env = std::getenv("UNIGIST_SM90_FWD_CONSUMERS");
-  const bool two = env != nullptr && std::strcmp(env, "2") == 0;
-  return head_dim == 64 && !two ? 192 : 128;
+  return head_dim == 64 && !env_is("UNIGIST_SM90_FWD_CONSUMERS", "2") ? 192 : 128;
 }
 
 void launch_fwd_sm90(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream) {
