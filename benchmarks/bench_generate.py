@@ -8,7 +8,9 @@ context length (raw tokens) and ratio it measures:
 * KV-cache bytes: HF's DynamicCache at the end of generation vs unigist's GistCache
   (steady state and peak, the peak includes the prefill chunk being processed);
 * peak GPU memory above the weights (torch.cuda.max_memory_allocated);
-* decode tokens/s (timestamps of the streamed tokens, first to last) and prefill time.
+* decode tokens/s (timestamps of the streamed tokens, first to last) and prefill time; on a GPU
+  unigist.generate runs twice, with CUDA-graph decoding (its default) and without
+  (``cuda_graph=False``), and HF generate with and without cuDNN SDPA.
 
 It writes a markdown table (device, torch, transformers, date) to
 benchmarks/results/generate.md (GPU) or generate_cpu.md (CPU) and the raw numbers
@@ -146,14 +148,15 @@ def run_baseline(model, ids, new_tokens, device):
     return res
 
 
-def run_unigist(model, ids, new_tokens, chunk, device, eviction):
+def run_unigist(model, ids, new_tokens, chunk, device, eviction, cuda_graph=None):
     import unigist
 
     base = _reset_memory(device)
     stamps = []
     t0 = time.perf_counter()
     r = unigist.generate(model, ids, max_new_tokens=new_tokens, chunk_size=chunk, progress=False, eos_token_id=[],
-                    streamer=lambda t, s: stamps.append(time.perf_counter()), eviction=eviction)
+                         streamer=lambda t, s: stamps.append(time.perf_counter()), eviction=eviction,
+                         cuda_graph=cuda_graph)
     _sync(device)
     t1 = time.perf_counter()
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
@@ -246,6 +249,8 @@ def main() -> None:
     run_baseline(model, warm, 4, device)
     unigist_mode(ratios[0])
     run_unigist(model, warm, 4, chunk, device, args.eviction)
+    if device.type == "cuda":
+        run_unigist(model, warm, 4, chunk, device, args.eviction, cuda_graph=False)
 
     if args.profile_context:
         from torch.profiler import ProfilerActivity, profile
@@ -292,7 +297,12 @@ def main() -> None:
             unigist_mode(ratio)
             ours = run_unigist(model, ids, args.new_tokens, chunk, device, args.eviction)
             print(f"[{ctx}, r={ratio}] unigist {ours}", flush=True)
-            rows.append(dict(context=ctx, ratio=ratio, unigist=ours, baseline=base, baseline_no_cudnn=base_nocudnn))
+            eager = None
+            if device.type == "cuda":  # the default decodes through CUDA graphs: also time it without
+                eager = run_unigist(model, ids, args.new_tokens, chunk, device, args.eviction, cuda_graph=False)
+                print(f"[{ctx}, r={ratio}] unigist, no CUDA graphs {eager}", flush=True)
+            rows.append(dict(context=ctx, ratio=ratio, unigist=ours, unigist_no_graph=eager, baseline=base,
+                             baseline_no_cudnn=base_nocudnn))
 
     r1 = []
     if r1_lengths:
@@ -353,8 +363,9 @@ def write_report(out_path, rows, r1, args, env) -> None:
         "",
         "| context (raw) | ratio | positions (with gists) | KV full cache (MiB) | KV unigist now / peak (MiB) "
         "| KV ratio | prefill s full / unigist | prefill speed-up | decode tok/s full / unigist | decode speed-up |"
-        + ("" if env["on_cpu"] else " peak GPU full / unigist (MiB) | decode tok/s full, cuDNN off |"),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("" if env["on_cpu"] else "---|---|"),
+        + ("" if env["on_cpu"] else " peak GPU full / unigist (MiB) | decode tok/s full, cuDNN off "
+           "| decode tok/s unigist, no CUDA graphs | decode speed-up over cuDNN off |"),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("" if env["on_cpu"] else "---|---|---|---|"),
     ]
     for row in rows:
         o, b = row["unigist"], row["baseline"]
@@ -367,9 +378,11 @@ def write_report(out_path, rows, r1, args, env) -> None:
         line = (f"| {row['context']} | {row['ratio']} | {o['seen_tokens']} | {cells[0]} | {o['kv_bytes'] / mib:.1f} / "
                 f"{o['peak_kv_bytes'] / mib:.1f} | {cells[1]} | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} |")
         if not env["on_cpu"]:
-            nc = row.get("baseline_no_cudnn")
+            nc, ng = row.get("baseline_no_cudnn"), row.get("unigist_no_graph")
             line += (f" {(b or {}).get('peak_gpu_bytes', 0) / mib:.0f} / {o['peak_gpu_bytes'] / mib:.0f} | "
                      f"{nc['decode_tok_s']:.1f} |" if nc else " - | - |")
+            line += f" {ng['decode_tok_s']:.1f} |" if ng else " - |"
+            line += f" {o['decode_tok_s'] / nc['decode_tok_s']:.2f}x |" if nc else " - |"
         lines.append(line)
     lines += [
         "",

@@ -106,4 +106,16 @@ inline void check_key_layout(const char* where, const at::Tensor& q, const at::T
                     " - 1 must lie inside the tail of ", tail_rows, " keys starting at position ", tail_start);
 }
 
+// gist_attention_cache_step's layout tensor: int64 [q_offset, cache_sinks, cache_gists,
+// first_gist, tail_start, num_keys] on q's device.
+inline void check_step_layout(const char* where, const at::Tensor& layout, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.numel() == 6 &&
+                        layout.is_contiguous(),
+                    where, ": layout must be a contiguous int64 tensor of 6 values [q_offset, cache_sinks, "
+                    "cache_gists, first_gist, tail_start, num_keys], got ", layout.scalar_type(), " of shape ",
+                    layout.sizes());
+  TORCH_CHECK_VALUE(layout.device() == q.device(), where, ": layout is on ", layout.device(), " but q on ",
+                    q.device());
+}
+
 }  // namespace unigist

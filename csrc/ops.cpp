@@ -79,6 +79,12 @@ TORCH_LIBRARY(unigist, m) {
       "gist_attention_cache_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int ratio, "
       "int window, int num_sink, float softmax_scale, int q_offset, int cache_sinks, int cache_gists, "
       "int first_gist, int tail_start) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // A decode step replayed by a CUDA graph: the layout (int64 [q_offset, cache_sinks,
+  // cache_gists, first_gist, tail_start, num_keys]) is a tensor the host rewrites between
+  // replays; keys are rows [0, num_keys) of k/v. Forward only (inference).
+  m.def(
+      "gist_attention_cache_step(Tensor q, Tensor k, Tensor v, Tensor layout, int ratio, int window, "
+      "int num_sink, float softmax_scale) -> (Tensor out, Tensor lse)");
   // 90 or 80: the CUDA forward kernel in use for q's device; 0 on CPU.
   m.def("gist_attention_fwd_arch(Tensor q) -> int");
   m.def("kernel_supports(str device, ScalarType dtype, int head_dim) -> bool", &kernel_supports);
@@ -94,6 +100,7 @@ TORCH_LIBRARY_IMPL(unigist, CPU, m) {
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cpu);
   m.impl("gist_attention_cache_fwd", &unigist::gist_attention_cache_fwd_cpu);
   m.impl("gist_attention_cache_bwd", &unigist::gist_attention_cache_bwd_cpu);
+  m.impl("gist_attention_cache_step", &unigist::gist_attention_cache_step_cpu);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cpu>);
   m.impl("gist_attention_fwd_arch", [](const at::Tensor&) -> int64_t { return 0; });
 }
@@ -104,6 +111,7 @@ TORCH_LIBRARY_IMPL(unigist, CUDA, m) {
   m.impl("gist_attention_bwd", &unigist::gist_attention_bwd_cuda);
   m.impl("gist_attention_cache_fwd", &unigist::gist_attention_cache_fwd_cuda);
   m.impl("gist_attention_cache_bwd", &unigist::gist_attention_cache_bwd_cuda);
+  m.impl("gist_attention_cache_step", &unigist::gist_attention_cache_step_cuda);
   m.impl("evict_kv", &evict_kv_sym<&unigist::evict_kv_cuda>);
   m.impl("gist_attention_fwd_arch", &unigist::gist_attention_fwd_arch_cuda);
 }

@@ -32,6 +32,15 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cpu(
     int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
     int64_t first_gist, int64_t tail_start);
 
+// One step over a compressed cache whose layout sits in a tensor (a CUDA graph replays the
+// call while the host rewrites it): layout int64 [q_offset, cache_sinks, cache_gists,
+// first_gist, tail_start, num_keys], keys in rows [0, num_keys) of k/v (a cache's whole
+// [B, H, capacity, D] buffers). Otherwise gist_attention_cache_fwd.
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_step_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& layout,
+                                                                  int64_t ratio, int64_t window, int64_t num_sink,
+                                                                  double softmax_scale);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,
@@ -63,6 +72,13 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ratio, int64_t window,
     int64_t num_sink, double softmax_scale, int64_t q_offset, int64_t cache_sinks, int64_t cache_gists,
     int64_t first_gist, int64_t tail_start);
+
+// The layout is read on the device (the host checks its shape only): values that would read
+// past the buffer mean no keys, never an out-of-bounds read.
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_step_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                   const at::Tensor& v, const at::Tensor& layout,
+                                                                   int64_t ratio, int64_t window, int64_t num_sink,
+                                                                   double softmax_scale);
 
 // Raises NotImplementedError (a clear message rather than the dispatcher's).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cuda(

@@ -182,3 +182,39 @@ def test_bad_inputs_raise():
         torch.ops.unigist.gist_attention_cache_fwd(q, k, k, 2, 8, 2, 0.125, 10, *kl)
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.unigist.gist_attention_cache_fwd(q, k.cpu(), k, 2, 8, 2, 0.125, 26, *kl)
+
+
+@pytest.mark.parametrize("nq", [1, 2])
+def test_cache_step_layout_in_device_memory(seed, nq):
+    """gist_attention_cache_step on CUDA: the layout is read from device memory (rewritten between
+    calls, as between CUDA-graph replays), keys are the leading rows of a NaN-filled buffer."""
+    cfg = GistConfig(ratio=4, window=256, num_sink=64)
+    rng = random.Random(seed)
+    capacity = 4096
+    k = torch.full((1, 4, capacity, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    v = torch.full((1, 4, capacity, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    layout = torch.zeros(6, dtype=torch.long, device="cuda")
+    for _ in range(4):
+        kl, nk, q_offset = random_cache(cfg, rng, max_seen=rng.choice([300, 3000]), chunk=nq)
+        k[:, :, :nk].normal_()
+        v[:, :, :nk].normal_()
+        layout.copy_(torch.tensor([q_offset, *kl, nk]))
+        q = torch.randn(1, 32, nq, 64, dtype=torch.bfloat16, device="cuda")
+        _poison_allocator()
+        out, lse = torch.ops.unigist.gist_attention_cache_step(q, k, v, layout, cfg.ratio, cfg.window,
+                                                              cfg.num_sink, 0.125)
+        torch.cuda.synchronize()
+        kpos = key_positions(kl, nk, cfg, device="cuda")
+        ref, ref_lse = gist_attention_reference(q, k[:, :, :nk], v[:, :, :nk], cfg, q_offset=q_offset,
+                                                k_positions=kpos, return_lse=True, dtype=torch.float32,
+                                                softmax_scale=0.125)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < TOL[torch.bfloat16], (kl, nk, q_offset)
+        assert torch.allclose(lse, ref_lse, atol=2e-3, rtol=1e-4)
+        k[:, :, :nk] = float("nan")
+        v[:, :, :nk] = float("nan")
+    # A layout that would read past the buffer attends to nothing (no out-of-bounds read).
+    layout.copy_(torch.tensor([5000, 64, 10, 16, 5000, capacity + 1]))
+    out, lse = torch.ops.unigist.gist_attention_cache_step(q, k, v, layout, cfg.ratio, cfg.window, cfg.num_sink, 0.1)
+    torch.cuda.synchronize()
+    assert torch.isneginf(lse).all()

@@ -9,7 +9,7 @@ import torch
 
 import unigist
 from unigist import GistConfig
-from unigist.cache import GistCacheLayer
+from unigist.cache import GistCacheLayer, GistCacheStep
 from unigist.generation import generate
 from unigist.hf import patch_model
 
@@ -19,17 +19,18 @@ from conftest import rel_err
 
 @pytest.fixture
 def cache_monitor(monkeypatch):
-    """Records (seen_before, new_rows, length_after) of every GistCache layer update."""
+    """Records (seen_before, new_rows, length_after) of every GistCache layer update (the rows
+    reserved for it: an update, or a fixed-shape decode step that writes them on the device)."""
     log = []
-    real = GistCacheLayer.update
+    real = GistCacheLayer.reserve
 
-    def update(self, k, v, *a, **kw):
+    def reserve(self, n, *a, **kw):
         seen = self.seen
-        out = real(self, k, v, *a, **kw)
-        log.append((self.gist_config, seen, k.shape[-2], self.length))
+        out = real(self, n, *a, **kw)
+        log.append((self.gist_config, seen, n, self.length))
         return out
 
-    monkeypatch.setattr(GistCacheLayer, "update", update)
+    monkeypatch.setattr(GistCacheLayer, "reserve", reserve)
     return log
 
 
@@ -59,7 +60,7 @@ CASES = [  # both label conventions (the default is the memory-only gist)
 
 
 @pytest.mark.parametrize("family, cfg, context", CASES, ids=[c[0] for c in CASES])
-def test_compressed_generation_equals_full_masked_forward(family, cfg, context, seed, cache_monitor):
+def test_compressed_generation_equals_full_masked_forward(family, cfg, context, seed, cache_monitor, monkeypatch):
     model = tiny_model(family, seed=seed % 1000)
     cfg = patch_model(model, None, cfg)
     ref = reference_copy(model)
@@ -68,10 +69,23 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
     max_new = 24
 
     results = {}
-    for chunk, eviction in ((1, "lazy"), (7, "lazy"), (64, "lazy"), (n_prompt, "lazy"), (7, "strict")):
+    # decode "static": the fixed-shape steps CUDA graphs replay (GistCacheStep), run eagerly here
+    # ("static", the op gist_attention_cache_step), ("static-sdpa", SDPA with a device-built mask)
+    runs = [(1, "lazy", "eager"), (7, "lazy", "eager"), (64, "lazy", "eager"), (n_prompt, "lazy", "eager"),
+            (7, "strict", "eager"), (7, "lazy", "static"), (n_prompt, "strict", "static"),
+            (7, "lazy", "static-sdpa")]
+    steps = []
+    real_prepare = GistCacheStep.prepare
+    monkeypatch.setattr(GistCacheStep, "prepare", lambda self, *a: steps.append(self.n) or real_prepare(self, *a))
+    for chunk, eviction, decode in runs:
         cache_monitor.clear()
+        steps.clear()
+        monkeypatch.setattr(unigist.generation, "GRAPH_ATTENTION", "sdpa" if decode == "static-sdpa" else "kernel")
+        monkeypatch.setattr(unigist.generation, "_decode_mode", lambda device, cuda_graph: decode.split("-")[0])
         res = generate(model, prompt, max_new_tokens=max_new, chunk_size=chunk, progress=False,
                        output_logits=True, eos_token_id=[], eviction=eviction)
+        # every decode forward went through the fixed-shape step in "static" (both feed lengths), none in "eager"
+        assert (sorted(set(steps)), len(steps)) == (([1, 2], max_new - 1) if decode != "eager" else ([], 0))
         seq = res.sequence
         assert len(res.ids) == max_new
         assert torch.equal(seq[:n_prompt], unigist.layout.insert_gists(prompt, cfg)["input_ids"])
@@ -83,8 +97,8 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
 
         full = full_reference_logits(ref, seq, cfg)
         assert res.logits.shape == full.shape
-        assert rel_err(res.logits, full) < 1e-5, chunk
-        assert (res.logits - full).abs().max() < 1e-3, chunk
+        assert rel_err(res.logits, full) < 1e-5, (chunk, decode)
+        assert (res.logits - full).abs().max() < 1e-3, (chunk, decode)
         # greedy: every generated token is the argmax of the reference logits (gist masked)
         ref_scores = full.clone()
         ref_scores[:, cfg.gist_token_id] = float("-inf")
@@ -110,7 +124,7 @@ def test_compressed_generation_equals_full_masked_forward(family, cfg, context, 
                 assert length - n == sum(
                     1 for p in range(seen) if p < cfg.num_sink or cfg.is_gist(p) or seen - p < cfg.window
                 )
-        results[(chunk, eviction)] = res.ids
+        results[(chunk, eviction, decode)] = res.ids
 
     # the same tokens whatever the chunk size
     assert len({tuple(v) for v in results.values()}) == 1
@@ -203,6 +217,12 @@ def test_generate_errors():
         generate(model, ids, stop_strings=["x"], progress=False)
     with pytest.raises(ValueError, match="streamer"):
         generate(model, [[5, 6], [7]], streamer=lambda t, s: None, progress=False)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on CUDA"):
+        generate(model, ids, cuda_graph=True, progress=False)
+    with pytest.raises(TypeError, match="cuda_graph must be"):
+        generate(model, ids, cuda_graph="yes", progress=False)
+    with pytest.raises(ValueError, match="cuda_graph=True decodes a single prompt"):
+        generate(model, [[5, 6], [7]], cuda_graph=True, progress=False)
 
 
 def test_batch_of_prompts_equals_each_prompt_alone():
@@ -336,6 +356,55 @@ def test_compressed_generation_cuda_bf16(seed):
         full = ref(input_ids=seq[None], position_ids=torch.arange(n, device="cuda")[None],
                    attention_mask=dense_mask(n, cfg, dtype=torch.bfloat16).cuda()).logits[0].float().cpu()
     assert rel_err(res.logits, full) < 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gist_predicts_next, eviction, attention",
+                         [(False, "lazy", "kernel"), (True, "lazy", "kernel"), (False, "strict", "kernel"),
+                          (False, "lazy", "sdpa")])
+def test_cuda_graph_decode(gist_predicts_next, eviction, attention, seed, monkeypatch):
+    """CUDA-graph decoding (the default on CUDA) replays two captured steps and gives the logits of
+    the same fixed-shape steps run eagerly (bitwise: same kernels), and of the eager cache path and
+    the dense-mask forward within bf16 tolerance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed % 1000)
+    mcfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = LlamaForCausalLM(mcfg).to("cuda", torch.bfloat16).eval()
+    cfg = patch_model(model, None, GistConfig(ratio=4, window=64, num_sink=16, gist_predicts_next=gist_predicts_next))
+    ref = reference_copy(model)
+    prompt = torch.randint(0, 256, (500,), device="cuda")
+    decoders = []
+    real = unigist.generation._StaticDecoder
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            decoders.append(self)
+
+    monkeypatch.setattr(unigist.generation, "_StaticDecoder", Spy)
+    monkeypatch.setattr(unigist.generation, "GRAPH_ATTENTION", attention)
+    kw = dict(max_new_tokens=40, chunk_size=128, progress=False, output_logits=True, eos_token_id=[],
+              eviction=eviction)
+    graph = generate(model, prompt, **kw)  # default: CUDA graphs
+    assert len(decoders) == 1 and decoders[0].use_graph and sorted(decoders[0].graphs) == [1, 2]
+    eager = generate(model, prompt, cuda_graph=False, **kw)
+    assert len(decoders) == 1  # cuda_graph=False: the eager cache path
+    monkeypatch.setattr(unigist.generation, "_decode_mode", lambda device, cuda_graph: "static")
+    static = generate(model, prompt, **kw)
+    assert len(decoders) == 2 and not decoders[1].use_graph
+    assert graph.ids == static.ids and torch.equal(graph.logits, static.logits)
+    assert torch.equal(graph.sequence, static.sequence)
+    assert rel_err(graph.logits, eager.logits) < 2e-2
+    seq = graph.sequence.cuda()
+    n = seq.shape[0]
+    with torch.no_grad():
+        full = ref(input_ids=seq[None], position_ids=torch.arange(n, device="cuda")[None],
+                   attention_mask=dense_mask(n, cfg, dtype=torch.bfloat16).cuda()).logits[0].float().cpu()
+    assert rel_err(graph.logits, full) < 3e-2
+    assert graph.kv["cache_length"] <= graph.kv["max_allowed_length"] + 2
+    assert graph.kv == eager.kv  # the same rows kept, evicted at the same steps
 
 
 def test_lazy_eviction_calls_the_op_less_often_with_the_same_logits(monkeypatch):

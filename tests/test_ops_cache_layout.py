@@ -153,3 +153,49 @@ def test_few_query_decode_matches_reference(seed, cfg, dtype):
             for i in range(b) for h in range(hkv)
         ], dim=1).reshape(b, hq, nq, d)
         assert rel_err(blocked, ref) < tol
+
+
+def _step_layout(kl: KeyLayout, q_offset: int, nk: int, device="cpu") -> torch.Tensor:
+    return torch.tensor([q_offset, *kl, nk], dtype=torch.long, device=device)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:3], ids=lambda c: f"r{c.ratio}w{c.window}s{c.num_sink}")
+def test_cache_step_reads_its_layout_from_a_tensor(seed, cfg):
+    """gist_attention_cache_step (what a CUDA-graph decode step calls): keys are the first
+    num_keys rows of a larger buffer whose other rows hold NaN; the layout comes in a tensor."""
+    rng = random.Random(seed)
+    for _ in range(4):
+        kl, nk, q_offset, nq = random_cache(cfg, rng, max_chunk=3)
+        capacity = nk + rng.randint(0, 40)
+        q = torch.randn(1, 4, nq, 16)
+        k = torch.full((1, 2, capacity, 16), float("nan"))
+        v = torch.full((1, 2, capacity, 16), float("nan"))
+        k[:, :, :nk].normal_()
+        v[:, :, :nk].normal_()
+        out, lse = torch.ops.unigist.gist_attention_cache_step(
+            q, k, v, _step_layout(kl, q_offset, nk), cfg.ratio, cfg.window, cfg.num_sink, 0.25
+        )
+        kpos = key_positions(kl, nk, cfg)
+        ref, ref_lse = gist_attention_reference(q.double(), k[:, :, :nk].double(), v[:, :, :nk].double(), cfg,
+                                                q_offset=q_offset, k_positions=kpos, return_lse=True,
+                                                softmax_scale=0.25)
+        assert rel_err(out, ref) < 1e-5, (kl, nk, q_offset, nq)
+        assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+
+def test_cache_step_opcheck_and_refusals(seed):
+    cfg = GistConfig(ratio=3, window=6, num_sink=2)
+    kl, nk, q_offset, nq = random_cache(cfg, random.Random(seed), max_seen=60, max_chunk=2)
+    q, k, v = torch.randn(1, 2, nq, 8), torch.randn(1, 1, nk + 5, 8), torch.randn(1, 1, nk + 5, 8)
+    layout = _step_layout(kl, q_offset, nk)
+    torch.library.opcheck(torch.ops.unigist.gist_attention_cache_step.default,
+                          (q, k, v, layout, cfg.ratio, cfg.window, cfg.num_sink, 0.3))
+    step = torch.ops.unigist.gist_attention_cache_step
+    with pytest.raises(ValueError, match="6 values"):
+        step(q, k, v, layout[:5], cfg.ratio, cfg.window, cfg.num_sink, 0.3)
+    with pytest.raises(ValueError, match="6 values"):
+        step(q, k, v, layout.int(), cfg.ratio, cfg.window, cfg.num_sink, 0.3)
+    with pytest.raises(ValueError, match="key buffer holds"):
+        step(q, k, v, _step_layout(kl, q_offset, nk + 6), cfg.ratio, cfg.window, cfg.num_sink, 0.3)
+    with pytest.raises(ValueError, match="inside the tail"):
+        step(q, k, v, _step_layout(kl, q_offset + 50, nk), cfg.ratio, cfg.window, cfg.num_sink, 0.3)

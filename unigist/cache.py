@@ -42,9 +42,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import GistConfig
 from .layout import KeyLayout, is_gist, num_gists
-from .ops import evict_kv
+from .ops import evict_kv, kernel_supports
 
-__all__ = ["evict_kv", "GistCache", "GistCacheLayer", "GistCacheRows"]
+__all__ = ["evict_kv", "GistCache", "GistCacheLayer", "GistCacheRows", "GistCacheStep"]
 
 
 class GistCacheLayer(CacheLayerMixin):
@@ -146,6 +146,22 @@ class GistCacheLayer(CacheLayerMixin):
         else:
             self._check_like_before(key_states, value_states)
         n = key_states.shape[-2]
+        row = self.reserve(n, key_states, value_states)
+        self._k[:, :, row : row + n].copy_(key_states)
+        self._v[:, :, row : row + n].copy_(value_states)
+        torch.arange(self.seen - n, self.seen, out=self._pos[row : row + n])
+        return self.keys, self.values
+
+    def reserve(self, n: int, key_like: Optional[torch.Tensor] = None, value_like: Optional[torch.Tensor] = None,
+                views: bool = True) -> int:
+        """Make room for the next ``n`` positions and count them in; returns the row where they go.
+
+        Evicts first when the policy says so, and grows the buffers (like ``key_like``)
+        when they are too small. The caller writes the rows (:meth:`update` does; a CUDA
+        graph of a decode step writes them on the device, from a row index it reads there).
+        ``views=False`` (a decode step that never reads them, where host time per step is
+        the cost) leaves ``keys`` / ``values`` / ``all_visible`` stale until :meth:`_refresh_views`.
+        """
         start = self.seen
         # Rows no query of this chunk (or later) can see leave before the chunk comes in:
         # always ("strict"), or when keeping them would break the bound ("lazy").
@@ -158,19 +174,22 @@ class GistCacheLayer(CacheLayerMixin):
                 "silently take them for the uncompressed sequence. Use unigist.generate, or pass "
                 "gist_cache=cache to every model call and build the cache with GistCache(..., explicit_layout=True)"
             )
-        all_visible = self.expected_length_after_evict(start) == self.length
-        need = self.length + n
+        all_visible = views and self.expected_length_after_evict(start) == self.length
+        row, need = self.length, self.length + n
         if need > self.capacity:
-            self._alloc(max(need, self.capacity + self.capacity // 4 + 64), key_states, value_states)
-        self._k[:, :, self.length : need].copy_(key_states)
-        self._v[:, :, self.length : need].copy_(value_states)
-        torch.arange(start, start + n, out=self._pos[self.length : need])
+            if key_like is None:
+                raise RuntimeError(
+                    f"unigist: GistCache layer needs {need} rows but its buffers hold {self.capacity}, and this "
+                    "caller cannot let them move (a captured decode step reads them in place)"
+                )
+            self._alloc(max(need, self.capacity + self.capacity // 4 + 64), key_like, value_like)
         self.length = need
         self.seen = start + n
         self.peak_length = max(self.peak_length, need)
         self.all_visible = all_visible  # every cached key is visible to the chunk's first query
-        self._refresh_views()
-        return self.keys, self.values
+        if views:
+            self._refresh_views()
+        return row
 
     def _check_like_before(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The rows of an update must match the cached ones: another batch size, head count,
@@ -443,3 +462,141 @@ class GistCacheRows:
             out, _ = unigist_attention_forward(module, query[b : b + 1], k, v, None, gist_cache=cache, **kwargs)
             outs.append(out)
         return torch.cat(outs, dim=0)
+
+
+class GistCacheStep:
+    """A decode step over a :class:`GistCache` whose every tensor has a fixed shape and address.
+
+    ``unigist.generate`` captures one model call per feed length (1 or 2 positions: a token,
+    or a gist and a token) in a CUDA graph and replays it at every step, so a step costs
+    the GPU's time rather than the host's. What changes from step to step lives on the
+    device, in :attr:`meta` (the fed ids, their positions and the cache rows they go to),
+    written by :meth:`prepare` before each call:
+
+    * the attention function (``gist_cache=step``) writes each layer's new keys, values and
+      positions into the cache buffers at those rows (``index_copy_``) and attends over them:
+      ``attention="kernel"`` runs ``torch.ops.unigist.gist_attention_cache_step``, the
+      compressed-cache kernel reading the key layout from :attr:`layout` (device memory);
+      ``"sdpa"`` (and any dtype or head dim the kernels lack) runs SDPA over a fixed number of
+      leading rows, :attr:`rows`, with a mask built on the device from the rows' positions;
+    * eviction stays on the host, between steps: :meth:`prepare` lets every layer evict
+      (in place, so the buffers keep their addresses) and count the new rows in.
+
+    The same object runs eagerly (CPU, or CUDA without graphs); the tests compare both with
+    the ordinary cache path.
+    """
+
+    def __init__(self, cache: GistCache, num_positions: int, rows: int, device: torch.device,
+                 attention: str = "kernel"):
+        self.cache = cache
+        self.n = num_positions
+        layer = cache.layers[0]
+        if layer._k is None:
+            raise RuntimeError("unigist: GistCacheStep needs a GistCache that was prefilled")
+        # Attend over a multiple of 16 rows: SDPA's memory-efficient kernel then takes the
+        # mask without padding it.
+        self.rows = min(layer.capacity, rows + (-rows) % 16)
+        self.device = device
+        # Rows past the valid ones are masked, but a masked row still multiplies a zero weight
+        # into its value: fresh buffer memory (NaN, inf) must not be there.
+        for lay in cache.layers:
+            lay._k[:, :, lay.length : self.rows].zero_()
+            lay._v[:, :, lay.length : self.rows].zero_()
+        # ids | positions | cache rows | the key layout of gist_attention_cache_step (q_offset,
+        # cache_sinks, cache_gists, first_gist, tail_start, num_keys): one host-to-device copy per step
+        self.meta = torch.zeros(3 * num_positions + 6, dtype=torch.long, device=device)
+        self._host = torch.zeros(3 * num_positions + 6, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.layout = self.meta[3 * num_positions :]
+        self.attention = attention
+        self._key_rows = torch.arange(self.rows, device=device)
+        self.ones = torch.ones(1, num_positions, dtype=torch.long, device=device)  # the model call's padding mask
+        self._bytes_per_row = sum(lay.row_bytes() for lay in cache.layers)
+        self._mask: Optional[torch.Tensor] = None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.meta[: self.n][None]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.meta[self.n : 2 * self.n][None]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length()
+
+    def prepare(self, ids: list, start: int) -> None:
+        """Host side of a step feeding ``ids`` at positions ``start..``: evict and reserve rows in
+        every layer (the buffers never move), then send ids, positions and rows to :attr:`meta`."""
+        n = self.n
+        if len(ids) != n:
+            raise ValueError(f"unigist: this decode step feeds {n} positions, got {len(ids)}")
+        first, *others = self.cache.layers
+        before = (first.length, first.seen, first.evicted_at)
+        row = first.reserve(n, views=False)
+        if first.evicted_at == before[2] and all((o.length, o.seen, o.evicted_at) == before for o in others):
+            # Nothing to evict (the common step, under lazy eviction): the other layers, in the
+            # same state, count the rows in as the first did (what reserve would do, ~20x cheaper).
+            for o in others:
+                o.length, o.seen, o.all_visible = first.length, first.seen, False
+                o.peak_length = max(o.peak_length, first.length)
+        elif {o.reserve(n, views=False) for o in others} - {row}:
+            raise RuntimeError("unigist: GistCache layers disagree about their rows; the cache was fed out of order")
+        if first.seen != start + n:
+            raise RuntimeError(f"unigist: the decode step feeds position {start} but the cache is at {first.seen - n}")
+        if row + n > self.rows:
+            raise RuntimeError(
+                f"unigist: the decode step attends over {self.rows} cache rows but the cache holds {row + n}"
+            )
+        kl = first.key_layout()  # checks the rows against the layout arithmetic, too
+        self._host.copy_(torch.tensor(
+            list(ids) + list(range(start, start + n)) + list(range(row, row + n)) + [start, *kl, row + n]
+        ))
+        self.meta.copy_(self._host, non_blocking=True)
+        # Every layer holds row + n rows now (they reserved alike).
+        self.cache._peak_bytes = max(self.cache._peak_bytes, (row + n) * self._bytes_per_row)
+
+    def finish(self) -> None:
+        """After the last step: the layers' ``keys`` / ``values`` views cover their rows again."""
+        for layer in self.cache.layers:
+            layer._refresh_views()
+
+    def begin(self) -> None:
+        """Start of a model call: the first layer builds the mask that every layer shares."""
+        self._mask = None
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: Optional[float] = None) -> torch.Tensor:
+        """Attention output ``[1, n, Hq, D]`` of the step, device work only (graph-safe)."""
+        import torch.nn.functional as F
+
+        layer = self.cache.layers[module.layer_idx]
+        n, rows = self.n, self.meta[2 * self.n : 3 * self.n]
+        q_pos = self.meta[self.n : 2 * self.n]
+        layer._k.index_copy_(2, rows, key.to(layer._k.dtype))
+        layer._v.index_copy_(2, rows, value.to(layer._v.dtype))
+        layer._pos.index_copy_(0, rows, q_pos)
+        query = query.to(layer._k.dtype)  # autocast hands RoPE's float32 q over
+        b, hq, _, d = query.shape
+        if self.attention == "kernel" and kernel_supports(query.device, query.dtype, d):
+            c = self.cache.gist_config
+            scale = scaling if scaling is not None else d**-0.5
+            out, _ = torch.ops.unigist.gist_attention_cache_step(
+                query, layer._k, layer._v, self.layout, c.ratio, c.window, c.num_sink, scale
+            )
+            return out.transpose(1, 2)
+        hkv = layer._k.shape[1]
+        groups = hq // hkv
+        if self._mask is None:
+            from .layout import gist_mask_from_positions
+
+            visible = gist_mask_from_positions(q_pos, layer._pos[: self.rows], self.cache.gist_config)
+            visible = visible & (self._key_rows <= rows[-1])
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+            mask.masked_fill_(~visible, float("-inf"))
+            # The query heads of a kv group are folded into the query axis (keys are read once
+            # per kv head): row g * n + i of the folded queries is query i.
+            self._mask = mask.repeat(groups, 1)
+        q = query.reshape(b, hkv, groups * n, d)
+        keys, values = layer._k[:, :, : self.rows], layer._v[:, :, : self.rows]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, scale=scaling)
+        return out.reshape(b, hq, n, d).transpose(1, 2)

@@ -22,6 +22,8 @@ The attention function has three paths:
   eviction through SDPA with a mask built from the keys' positions;
 * a :class:`unigist.cache.GistCacheRows` as ``gist_cache`` (:func:`unigist.generate` decoding a
   batch of prompts whose caches differ): each row goes through the first path with its own cache;
+* a :class:`unigist.cache.GistCacheStep` as ``gist_cache`` (:func:`unigist.generate` decoding with
+  fixed shapes, replayed as a CUDA graph): SDPA over the cache buffers with a mask built on the device;
 * a ``gist_key_positions`` forward kwarg: SDPA with a mask over those positions;
 * otherwise queries and keys are positions ``0..N-1`` (training, a full-sequence
   forward): :func:`unigist.gist_attention` (the C++/CUDA op, differentiable). Keys from
@@ -54,7 +56,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .cache import GistCacheRows
+from .cache import GistCacheRows, GistCacheStep
 from .config import GistConfig
 from .ops import gist_attention, has_cuda_kernels, kernel_supports
 from .layout import gist_mask, gist_mask_from_positions
@@ -312,6 +314,9 @@ def unigist_attention_forward(
         )
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("unigist attention does not support attention logit softcapping")
+    if isinstance(kwargs.get("gist_cache"), GistCacheStep):
+        # A decode step with fixed shapes (unigist.generate, replayed as a CUDA graph).
+        return kwargs["gist_cache"].attend(module, query, key, value, scaling=scaling), None
     if isinstance(kwargs.get("gist_cache"), GistCacheRows):
         # Rows with caches of their own (unigist.generate decoding a batch): one call per row.
         rest = {k: v for k, v in kwargs.items() if k not in ("gist_cache", "position_ids")}
@@ -617,6 +622,8 @@ class _InputCheck:
         return {"_pending": []}
 
     def __call__(self, module, args, kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # a CUDA graph being captured (unigist.generate): no event queries, no host reads
         self._drain()
         cfg = _stored_gist_config(getattr(module, "config", None))
         if cfg is None or cfg.gist_token_id is None:

@@ -363,6 +363,21 @@ def _cache_bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.register_fake("unigist::gist_attention_cache_step")
+def _cache_step_fake(q, k, v, layout, ratio, window, num_sink, softmax_scale):
+    where = "unigist::gist_attention_cache_step"
+    check_attention_inputs(
+        q, k, v, 0, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where,
+        keys_cover=False,
+    )
+    if layout.dtype != torch.long or layout.shape != (6,) or layout.device != q.device:
+        raise ValueError(
+            f"{where}: layout must be an int64 tensor of 6 values [q_offset, cache_sinks, cache_gists, first_gist, "
+            f"tail_start, num_keys] on q's device, got {layout.dtype} {tuple(layout.shape)} on {layout.device}"
+        )
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype_for(q.dtype))
+
+
 def _cache_fwd_setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     out, lse = output

@@ -752,6 +752,21 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cpu(
                  KeyLayout{cache_sinks, cache_gists, first_gist, tail_start}, softmax_scale, q_offset);
 }
 
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_step_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& layout,
+                                                                  int64_t ratio, int64_t window, int64_t num_sink,
+                                                                  double softmax_scale) {
+  const char* where = "unigist::gist_attention_cache_step";
+  check_attention_tensors(where, q, k, v, ratio, window, num_sink);
+  check_step_layout(where, layout, q);
+  const auto m = layout.accessor<int64_t, 1>();
+  const int64_t num_keys = m[5];
+  TORCH_CHECK_VALUE(num_keys >= 0 && num_keys <= k.size(2), where, ": layout says ", num_keys,
+                    " keys but the key buffer holds ", k.size(2), " rows");
+  return gist_attention_cache_fwd_cpu(q, k.narrow(2, 0, num_keys), v.narrow(2, 0, num_keys), ratio, window,
+                                      num_sink, softmax_scale, m[0], m[1], m[2], m[3], m[4]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_cache_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t ratio, int64_t window, int64_t num_sink, double softmax_scale,

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -154,6 +155,49 @@ int cache_splits(int64_t ctas, int64_t nblocks, int num_sms) {
   if (ctas >= want) return 1;
   const int64_t s = std::min<int64_t>({(want + ctas - 1) / ctas, nblocks / 4, kCacheMaxSplits});
   return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+// The mma.sync compressed-cache forward's parameters that do not depend on where the
+// keys sit; `keep` holds q/k/v as the kernel reads them (readable() copies only when it must).
+CacheParams cache_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                         at::Tensor& lse, const Layout32& l, double softmax_scale, std::array<at::Tensor, 3>& keep) {
+  CacheParams p{};
+  keep[0] = readable(q, p.q_sb, p.q_sh, p.q_sn);
+  keep[1] = readable(k, p.k_sb, p.k_sh, p.k_sn);
+  keep[2] = readable(v, p.v_sb, p.v_sh, p.v_sn);
+  p.q = keep[0].data_ptr();
+  p.k = keep[1].data_ptr();
+  p.v = keep[2].data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = static_cast<int>(q.size(0));
+  p.Hq = static_cast<int>(q.size(1));
+  p.Hkv = static_cast<int>(k.size(1));
+  p.group = p.Hq / p.Hkv;
+  p.Nq = static_cast<int>(q.size(2));
+  p.rows = p.Nq * p.group;
+  p.l = l;
+  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
+  return p;
+}
+
+// Launches it over tiles of GQA-packed rows, the key blocks (at most `nblocks` per tile)
+// split when too few CTAs would fill the GPU.
+void launch_cache_fwd_split(CacheParams& p, const at::Tensor& q, int64_t nblocks, const char* where) {
+  const int64_t tiles = (static_cast<int64_t>(p.rows) + kCacheBM - 1) / kCacheBM;
+  TORCH_CHECK(tiles <= INT_MAX, where, ": too many queries");
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.splits = cache_splits(tiles * p.B * p.Hkv, nblocks, num_sms);
+  at::Tensor o_part, lse_part;
+  const int64_t nrows = static_cast<int64_t>(p.B) * p.Hq * p.Nq, D = q.size(3);
+  if (p.splits > 1) {
+    o_part = at::empty({p.splits, nrows, D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({p.splits, nrows}, q.options().dtype(at::kFloat));
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  launch_cache_fwd(p, q.scalar_type() == at::kBFloat16, static_cast<int>(D), static_cast<int>(tiles),
+                   at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
@@ -339,31 +383,13 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
     return {out, lse};
   }
 
-  CacheParams p{};
-  const at::Tensor qr = readable(q, p.q_sb, p.q_sh, p.q_sn);
-  const at::Tensor kr = readable(k, p.k_sb, p.k_sh, p.k_sn);
-  const at::Tensor vr = readable(v, p.v_sb, p.v_sh, p.v_sn);
-  p.q = qr.data_ptr();
-  p.k = kr.data_ptr();
-  p.v = vr.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.B = static_cast<int>(B);
-  p.Hq = static_cast<int>(Hq);
-  p.Hkv = static_cast<int>(Hkv);
-  p.group = static_cast<int>(Hq / Hkv);
-  p.Nq = static_cast<int>(Nq);
-  p.rows = static_cast<int>(Nq * p.group);
+  std::array<at::Tensor, 3> keep;
+  CacheParams p = cache_params(q, k, v, out, lse, l, softmax_scale, keep);
   p.q_offset = static_cast<int>(q_offset);
   p.cached = static_cast<int>(cached);
   p.tail_start = static_cast<int>(tail_start);
   p.tail_end = static_cast<int>(tail_end);
-  p.l = l;
   p.row_shift = p.cached - p.tail_start;
-  p.scale_log2 = static_cast<float>(softmax_scale) * kLog2e;
-
-  const int64_t tiles = (static_cast<int64_t>(p.rows) + kCacheBM - 1) / kCacheBM;
-  TORCH_CHECK(tiles <= INT_MAX, where, ": too many queries");
   // Key blocks of the last query (the most any tile visits, up to the tile's window span).
   const layout::TileVisit tv =
       layout::tile_visit_from(q_offset + Nq - 1, q_offset + Nq - 1, tail_start, tail_end,
@@ -371,16 +397,35 @@ std::tuple<at::Tensor, at::Tensor> gist_attention_cache_fwd_cuda(
   const int64_t bn = kCacheBN;
   const int64_t nblocks = (cached + bn - 1) / bn + (tv.sink_end - tail_start + bn - 1) / bn +
                           (tv.gist_end - tv.gist_begin + bn - 1) / bn + (tv.local_hi - tv.local_lo + bn - 1) / bn;
-  p.splits = cache_splits(tiles * B * Hkv, nblocks, num_sms);
-  at::Tensor o_part, lse_part;
-  if (p.splits > 1) {
-    o_part = at::empty({p.splits, B * Hq * Nq, D}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({p.splits, B * Hq * Nq}, q.options().dtype(at::kFloat));
-    p.o_part = o_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
+  launch_cache_fwd_split(p, q, nblocks, where);
+  return {out, lse};
+}
 
-  launch_cache_fwd(p, bf16, static_cast<int>(D), static_cast<int>(tiles), stream);
+std::tuple<at::Tensor, at::Tensor> gist_attention_cache_step_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                   const at::Tensor& v, const at::Tensor& layout,
+                                                                   int64_t ratio, int64_t window, int64_t num_sink,
+                                                                   double softmax_scale) {
+  using namespace cuda_detail;
+  const char* where = "unigist::gist_attention_cache_step";
+  check_attention_tensors(where, q, k, v, ratio, window, num_sink);
+  check_cuda_qkv(where, q, k, v);
+  check_softmax_scale(where, softmax_scale);
+  check_step_layout(where, layout, q);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  TORCH_CHECK(Nk <= INT_MAX / 2 && Nq * (Hq / Hkv) <= INT_MAX, where, ": too many keys or queries");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
+  // Always the mma.sync kernel (a decode step's few queries; the grid must not depend on
+  // the layout, which the host does not read), split over the whole buffer's key blocks.
+  // Positions are < 2^30 (read_cache_layout), so no clamping changes what is visible.
+  std::array<at::Tensor, 3> keep;
+  CacheParams p = cache_params(q, k, v, out, lse, clamp_layout(ratio, window, num_sink, INT_MAX / 2), softmax_scale,
+                               keep);
+  p.layout = layout.data_ptr<int64_t>();
+  p.capacity = Nk;
+  launch_cache_fwd_split(p, q, (Nk + kCacheBN - 1) / kCacheBN, where);
   return {out, lse};
 }
 

@@ -25,6 +25,7 @@
 // (sm90/fwd_sm90.cu) over the same CacheBlocks instead (api.cu chooses).
 #include <c10/cuda/CUDAException.h>
 
+#include <climits>
 #include <cmath>
 
 #include "cuda/dispatch.cuh"
@@ -46,6 +47,23 @@ constexpr int cache_smem_bytes() {
 }
 
 
+// gist_attention_cache_step: the layout in device memory, (q_offset, cache_sinks,
+// cache_gists, first_gist, tail_start, num_keys), written by the host before a CUDA
+// graph replays the step. The host checked it when it wrote it; here values that would
+// read outside the key buffer (p.capacity rows) or overflow int mean no keys at all.
+__device__ __forceinline__ void read_cache_layout(const CacheParams& p, int& q_offset, int& cached, int& tail_start,
+                                                  int& tail_end) {
+  const int64_t q0 = p.layout[0], sinks = p.layout[1], gists = p.layout[2], t0 = p.layout[4], nk = p.layout[5];
+  const int64_t c = sinks + gists;
+  const int64_t limit = INT_MAX / 2;
+  const bool ok = q0 >= 0 && q0 < limit && sinks >= 0 && gists >= 0 && c <= nk && nk <= p.capacity && t0 >= 0 &&
+                  t0 < limit && t0 + (nk - c) < limit;
+  q_offset = ok ? static_cast<int>(q0) : 0;
+  cached = ok ? static_cast<int>(c) : 0;
+  tail_start = ok ? static_cast<int>(t0) : 0;
+  tail_end = ok ? static_cast<int>(t0 + nk - c) : 0;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kCacheThreads) gist_attn_cache_fwd_kernel(const CacheParams p) {
   using TT = TypeTraits<T>;
@@ -64,10 +82,13 @@ __global__ void __launch_bounds__(kCacheThreads) gist_attn_cache_fwd_kernel(cons
   const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
   const int b = blockIdx.y / p.Hkv, kvh = blockIdx.y % p.Hkv;
   const int rows_here = min(BM, p.rows - m0);
-  const int q_lo = p.q_offset + m0 / G, q_hi = p.q_offset + (m0 + rows_here - 1) / G;
+  int q_offset = p.q_offset, cached = p.cached, tail_start = p.tail_start, tail_end = p.tail_end;
+  if (p.layout != nullptr) read_cache_layout(p, q_offset, cached, tail_start, tail_end);
+  const int row_shift = cached - tail_start;
+  const int q_lo = q_offset + m0 / G, q_hi = q_offset + (m0 + rows_here - 1) / G;
   const Layout32 l = p.l;
   CacheBlocks kb;
-  kb.init(p.cached, p.tail_start, p.tail_end, l, q_lo, q_hi, BN);
+  kb.init(cached, tail_start, tail_end, l, q_lo, q_hi, BN);
   const int nall = kb.total();
   const int it_begin = static_cast<int>(static_cast<int64_t>(nall) * blockIdx.z / p.splits);
   const int it_end = static_cast<int>(static_cast<int64_t>(nall) * (blockIdx.z + 1) / p.splits);
@@ -92,14 +113,14 @@ __global__ void __launch_bounds__(kCacheThreads) gist_attn_cache_fwd_kernel(cons
     load_rows<BN, D, kCacheThreads>(
         sK + stage * BN * D,
         [&](int r) -> const T* {
-          const int j = cache_key_row(l, p.row_shift, kind, first, end, r);
+          const int j = cache_key_row(l, row_shift, kind, first, end, r);
           return j >= 0 ? kg + j * p.k_sn : nullptr;
         },
         kg);
     load_rows<BN, D, kCacheThreads>(
         sV + stage * BN * D,
         [&](int r) -> const T* {
-          const int j = cache_key_row(l, p.row_shift, kind, first, end, r);
+          const int j = cache_key_row(l, row_shift, kind, first, end, r);
           return j >= 0 ? vg + j * p.v_sn : nullptr;
         },
         vg);
@@ -121,7 +142,7 @@ __global__ void __launch_bounds__(kCacheThreads) gist_attn_cache_fwd_kernel(cons
   const int row0 = wrow + (lane >> 2);  // the thread's rows: row0, row0 + 8
   int qpos[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) qpos[hr] = p.q_offset + (m0 + row0 + 8 * hr) / G;
+  for (int hr = 0; hr < 2; ++hr) qpos[hr] = q_offset + (m0 + row0 + 8 * hr) / G;
 
   float o[DT][4];
 #pragma unroll

@@ -153,6 +153,11 @@ struct CacheParams {
   int splits;
   Layout32 l;
   float scale_log2;
+  // gist_attention_cache_step: q_offset and the key layout come from device memory
+  // (int64 [q_offset, cache_sinks, cache_gists, first_gist, tail_start, num_keys]),
+  // over a key buffer of `capacity` rows; nullptr: the fields above.
+  const int64_t* layout;
+  int64_t capacity;
 };
 
 // Layout values clamped so that 32-bit arithmetic is exact and the visible
