@@ -23,7 +23,9 @@ The attention function has three paths:
 * a :class:`unigist.cache.GistCacheRows` as ``gist_cache`` (:func:`unigist.generate` decoding a
   batch of prompts whose caches differ): each row goes through the first path with its own cache;
 * a :class:`unigist.cache.GistCacheStep` as ``gist_cache`` (:func:`unigist.generate` decoding with
-  fixed shapes, replayed as a CUDA graph): SDPA over the cache buffers with a mask built on the device;
+  fixed shapes, replayed as a CUDA graph): ``gist_attention_cache_step`` over the cache buffers, the
+  layout read from device memory (SDPA with a mask built on the device where the kernels lack the
+  dtype or head dim);
 * a ``gist_key_positions`` forward kwarg: SDPA with a mask over those positions;
 * otherwise queries and keys are positions ``0..N-1`` (training, a full-sequence
   forward): :func:`unigist.gist_attention` (the C++/CUDA op, differentiable). Keys from
