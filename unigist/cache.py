@@ -46,6 +46,8 @@ from .ops import evict_kv, kernel_supports
 
 __all__ = ["evict_kv", "GistCache", "GistCacheLayer", "GistCacheRows", "GistCacheStep"]
 
+_NO_POSITION = 1 << 62  # after every position: no query sees a key there
+
 
 class GistCacheLayer(CacheLayerMixin):
     """One layer of a :class:`GistCache`: KV buffers ``[B, H, capacity, D]`` plus positions.
@@ -493,9 +495,7 @@ class GistCacheStep:
         layer = cache.layers[0]
         if layer._k is None:
             raise RuntimeError("unigist: GistCacheStep needs a GistCache that was prefilled")
-        # Attend over a multiple of 16 rows: SDPA's memory-efficient kernel then takes the
-        # mask without padding it.
-        self.rows = min(layer.capacity, rows + (-rows) % 16)
+        self.rows = min(layer.capacity, rows)
         self.device = device
         # Rows past the valid ones are masked, but a masked row still multiplies a zero weight
         # into its value: fresh buffer memory (NaN, inf) must not be there.
@@ -531,15 +531,8 @@ class GistCacheStep:
         if len(ids) != n:
             raise ValueError(f"unigist: this decode step feeds {n} positions, got {len(ids)}")
         first, *others = self.cache.layers
-        before = (first.length, first.seen, first.evicted_at)
         row = first.reserve(n, views=False)
-        if first.evicted_at == before[2] and all((o.length, o.seen, o.evicted_at) == before for o in others):
-            # Nothing to evict (the common step, under lazy eviction): the other layers, in the
-            # same state, count the rows in as the first did (what reserve would do, ~20x cheaper).
-            for o in others:
-                o.length, o.seen, o.all_visible = first.length, first.seen, False
-                o.peak_length = max(o.peak_length, first.length)
-        elif {o.reserve(n, views=False) for o in others} - {row}:
+        if {o.reserve(n, views=False) for o in others} - {row}:
             raise RuntimeError("unigist: GistCache layers disagree about their rows; the cache was fed out of order")
         if first.seen != start + n:
             raise RuntimeError(f"unigist: the decode step feeds position {start} but the cache is at {first.seen - n}")
@@ -555,11 +548,6 @@ class GistCacheStep:
         # Every layer holds row + n rows now (they reserved alike).
         self.cache._peak_bytes = max(self.cache._peak_bytes, (row + n) * self._bytes_per_row)
 
-    def finish(self) -> None:
-        """After the last step: the layers' ``keys`` / ``values`` views cover their rows again."""
-        for layer in self.cache.layers:
-            layer._refresh_views()
-
     def begin(self) -> None:
         """Start of a model call: the first layer builds the mask that every layer shares."""
         self._mask = None
@@ -567,36 +555,25 @@ class GistCacheStep:
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: Optional[float] = None) -> torch.Tensor:
         """Attention output ``[1, n, Hq, D]`` of the step, device work only (graph-safe)."""
-        import torch.nn.functional as F
-
         layer = self.cache.layers[module.layer_idx]
-        n, rows = self.n, self.meta[2 * self.n : 3 * self.n]
+        rows = self.meta[2 * self.n : 3 * self.n]
         q_pos = self.meta[self.n : 2 * self.n]
         layer._k.index_copy_(2, rows, key.to(layer._k.dtype))
         layer._v.index_copy_(2, rows, value.to(layer._v.dtype))
         layer._pos.index_copy_(0, rows, q_pos)
         query = query.to(layer._k.dtype)  # autocast hands RoPE's float32 q over
-        b, hq, _, d = query.shape
-        if self.attention == "kernel" and kernel_supports(query.device, query.dtype, d):
-            c = self.cache.gist_config
-            scale = scaling if scaling is not None else d**-0.5
+        c = self.cache.gist_config
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if self.attention == "kernel" and kernel_supports(query.device, query.dtype, query.shape[-1]):
             out, _ = torch.ops.unigist.gist_attention_cache_step(
                 query, layer._k, layer._v, self.layout, c.ratio, c.window, c.num_sink, scale
             )
             return out.transpose(1, 2)
-        hkv = layer._k.shape[1]
-        groups = hq // hkv
-        if self._mask is None:
-            from .layout import gist_mask_from_positions
+        from .hf import _additive_mask, _sdpa
 
-            visible = gist_mask_from_positions(q_pos, layer._pos[: self.rows], self.cache.gist_config)
-            visible = visible & (self._key_rows <= rows[-1])
-            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-            mask.masked_fill_(~visible, float("-inf"))
-            # The query heads of a kv group are folded into the query axis (keys are read once
-            # per kv head): row g * n + i of the folded queries is query i.
-            self._mask = mask.repeat(groups, 1)
-        q = query.reshape(b, hkv, groups * n, d)
+        if self._mask is None:
+            # Rows past the last one written take a position no query reaches (masked by causality).
+            positions = torch.where(self._key_rows <= rows[-1], layer._pos[: self.rows], _NO_POSITION)
+            self._mask = _additive_mask(q_pos, positions, c, query.dtype)
         keys, values = layer._k[:, :, : self.rows], layer._v[:, :, : self.rows]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, scale=scaling)
-        return out.reshape(b, hq, n, d).transpose(1, 2)
+        return _sdpa(query, keys, values, self._mask, scale).transpose(1, 2)

@@ -542,9 +542,10 @@ class _StaticDecoder:
         return self.model(**kwargs).logits[0]
 
     def finish(self) -> None:
-        """Decoding is over: the cache's layers get their views back (:meth:`GistCacheStep.finish`)."""
-        if self.steps:
-            next(iter(self.steps.values())).finish()
+        """Decoding is over: the layers' ``keys`` / ``values`` views cover their rows again
+        (the steps reserved rows without them)."""
+        for layer in self.cache.layers:
+            layer._refresh_views()
 
     def __call__(self, ids: List[int], start: int) -> torch.Tensor:
         n = len(ids)
