@@ -4,7 +4,9 @@ kernels, float64 precision, double backward, input checks and torch.compile.
 The contract tested here: ``gist_attention_fwd`` reads q/k/v of any strides in
 place and returns a contiguous ``out`` in q's dtype and a contiguous ``lse``
 (float64 for float64 inputs, else float32); ``gist_attention_bwd`` takes
-dout/out of any strides and returns contiguous dq/dk/dv; the fake kernels return
+dout/out of any strides and returns dq/dk/dv laid out like q/k/v
+(``torch.empty_like``: an HF-style transposed view's gradient has its strides,
+so it flows back through the view with no copy); the fake kernels return
 exactly that and validate like the real ones.
 """
 
@@ -87,7 +89,7 @@ def test_transposed_inputs_match_contiguous_and_reference(seed, dtype, tol, shap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_raw_bwd_takes_strided_dout_and_out_returns_contiguous(seed, dtype):
+def test_raw_bwd_takes_strided_dout_and_out_returns_grads_like_inputs(seed, dtype):
     q, k, v = _qkv("transposed", d=8, dtype=dtype)
     scale = 8**-0.5
     out, lse = FWD(q, k, v, 2, 5, 1, scale, 0)
@@ -99,7 +101,8 @@ def test_raw_bwd_takes_strided_dout_and_out_returns_contiguous(seed, dtype):
     dq, dk, dv = BWD(dout, q, k, v, out_t, lse, 2, 5, 1, scale, 0)
     dq_c, dk_c, dv_c = BWD(dout.contiguous(), q, k, v, out, lse, 2, 5, 1, scale, 0)
     for g, gc, like in ((dq, dq_c, q), (dk, dk_c, k), (dv, dv_c, v)):
-        assert g.is_contiguous() and g.shape == like.shape and g.dtype == dtype
+        assert g.stride() == gc.stride() == like.stride() and not g.is_contiguous()
+        assert g.shape == like.shape and g.dtype == dtype
         assert rel_err(g, gc) < 1e-6
     _, ref_grads = _ref_grads(q, k, v, dout, GistConfig(ratio=2, window=5, num_sink=1), scale)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
@@ -162,7 +165,9 @@ def test_fake_outputs_match_real(seed, layout, dtype):
         fgrads = BWD(fdout, fq, fk, fv, fout, flse, *args)
     for name, real, fake in zip(["out", "lse", "dq", "dk", "dv"], (out, lse, *grads), (fout, flse, *fgrads)):
         assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), name
-        assert real.is_contiguous(), name
+    assert out.is_contiguous() and lse.is_contiguous()
+    for name, g, like in zip(["dq", "dk", "dv"], grads, (q, k, v)):
+        assert g.stride() == like.stride(), name
     assert lse.dtype == lse_dtype_for(dtype)
 
 

@@ -275,7 +275,8 @@ def check_key_layout(where: str, q, k, q_offset, key_layout: KeyLayout, ratio, n
 
 # ---------------------------------------------------------------------------
 # fake (meta) kernels: the same checks and the same outputs (shapes, dtypes,
-# strides: every output is contiguous) as the real kernels
+# strides: the forwards' outputs are contiguous, the backwards' gradients laid
+# out like q, k, v, as torch.empty_like) as the real kernels
 # ---------------------------------------------------------------------------
 
 
@@ -295,7 +296,7 @@ def _bwd_fake(dout, q, k, v, out, lse, ratio, window, num_sink, softmax_scale, q
         q, k, v, q_offset, softmax_scale=softmax_scale, ratio=ratio, window=window, num_sink=num_sink, where=where
     )
     _check_bwd_extras(where, dout, q, out, lse)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def _cache_bwd_fake(
     where = "unigist::gist_attention_cache_bwd"
     _check_cache_call(where, q, k, v, ratio, window, num_sink, softmax_scale, q_offset, key_layout)
     _check_bwd_extras(where, dout, q, out, lse)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("unigist::gist_attention_cache_step")

@@ -13,6 +13,10 @@
 # DIAG_PATCH=<patch> builds a patched copy in parallel and, at the end, times the
 # forward (and with DIAG_BWD=1 forward+backward) of both trees on DIAG_BENCH
 # (';'-separated bench_attention.py args).
+# ROWS: ';'-separated bench_attention.py argument lists, each run once with B and --append (the
+# rows of benchmarks/results/attention.md it measures are replaced; the table is copied to the logs).
+# PYTEST_FILES: what pytest -m cuda runs (default tests/test_cuda_*.py), PYTEST_S its timeout;
+# SMOKES: '|'-separated tests/cuda scripts run under memcheck (default "smoke_bwd.py quick|smoke_cache.py").
 # PYTEST_K: a pytest -k expression (default: every test); SKIP_TESTS=1: only benchmark. Steps have timeouts; benchmark rounds are
 # skipped past DEADLINE seconds (default 430). Everything is logged under $OUT
 # and packed into $OUT/all.tgz (the device returns few files).
@@ -28,7 +32,7 @@ export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFER
 T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s]"; }
 pack() { tar -C "$OUT" -czf "$OUT/all.tgz" logs; }
-trap pack EXIT
+trap 'cp benchmarks/results/attention.md* "$L/" 2>/dev/null; pack' EXIT
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__)'
 
@@ -49,11 +53,12 @@ if [ $rc != 0 ]; then grep -E "error" "$L/build.log" | head -10; exit 1; fi
 grep -A2 "Compiling entry function '\S*gist_attn_fwd_sm90" "$L/build.log" | grep -E "spill|Used" | sort | uniq -c | head
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  env $B timeout 240 python3 -m pytest -m cuda tests/test_cuda_*.py -q -x -p no:cacheprovider -k "${PYTEST_K:-}" \
-    > "$L/pytest_B.log" 2>&1
-  echo "$(el) pytest -m cuda tests/test_cuda_*.py with $B: $(grep -E "passed|failed|error" "$L/pytest_B.log" | tail -1)"
+  env $B timeout "${PYTEST_S:-240}" python3 -m pytest -m cuda ${PYTEST_FILES:-tests/test_cuda_*.py} -q -x -p no:cacheprovider \
+    -k "${PYTEST_K:-}" > "$L/pytest_B.log" 2>&1
+  echo "$(el) pytest -m cuda ${PYTEST_FILES:-tests/test_cuda_*.py} with $B: $(grep -E "passed|failed|error" "$L/pytest_B.log" | tail -1)"
   grep -E "^FAILED|^ERROR" "$L/pytest_B.log" | cut -c1-200 | head -5
-  for smoke in "smoke_bwd.py quick" "smoke_cache.py"; do
+  IFS='|' read -ra SMOKES <<< "${SMOKES-smoke_bwd.py quick|smoke_cache.py}"  # SMOKES= : no memcheck
+  for smoke in "${SMOKES[@]}"; do
     env $B timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/$smoke \
       > "$L/memcheck_${smoke%%.py*}.log" 2>&1
     echo "$(el) memcheck $smoke ($B): rc=$? $(grep -E "ERROR SUMMARY" "$L/memcheck_${smoke%%.py*}.log" | tail -1)"
@@ -90,6 +95,15 @@ for key, d in rows.items():
     sb = statistics.median(y for _, y in d.get(b, [(1, float('nan'))]))
     print(f"{key:24s} {ua:10.3f} {ub:10.3f} {ub / ua:8.3f} {sa / ua:8.2f} {sb / ub:8.2f}")
 EOF
+if [ -n "${ROWS:-}" ]; then
+  IFS=';' read -ra RS <<< "$ROWS"
+  for args in "${RS[@]}"; do
+    if [ $(($(date +%s) - T0)) -gt "${DEADLINE:-430}" ]; then echo "$(el) past DEADLINE: skipped [$args]"; continue; fi
+    env $B timeout 150 python3 benchmarks/bench_attention.py --no-flex --append $args >> "$L/rows.log" 2>&1
+    echo "$(el) rows [$args] with $B: rc=$?"
+  done
+  grep -E "^N=" "$L/rows.log" | cut -c1-160
+fi
 if [ -n "${DIAG_PATCH:-}" ]; then
   wait $DIAG_BUILD
   echo "$(el) diag build ($DIAG_PATCH): rc=$(cat "$L/rc_diag")"

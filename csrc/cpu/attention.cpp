@@ -697,11 +697,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const char* where, const 
   const at::Tensor dout = rows_readable(dout_in), q = rows_readable(q_in), k = rows_readable(k_in),
                    v = rows_readable(v_in), out = rows_readable(out_in), lse = lse_in.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
+  // The gradients are laid out like q, k, v (empty_like, as the fake kernel's
+  // and the CUDA kernels'), so they flow back through a caller's transposed
+  // views with no copy. The kernel writes dq contiguous.
+  at::Tensor dq_out = at::empty_like(q_in), dk_out = at::empty_like(k_in), dv_out = at::empty_like(v_in);
   if (q.numel() == 0 || k.numel() == 0) {
-    dq.zero_();
-    return {dq, at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+    dq_out.zero_();
+    dk_out.zero_();
+    dv_out.zero_();
+    return {dq_out, dk_out, dv_out};
   }
+  at::Tensor dq = dq_out.is_contiguous() ? dq_out : at::empty(q.sizes(), q.options());
   // Enough tasks for every thread: split a (batch, kv head)'s query blocks
   // when there are fewer of those than threads (each split has its own dK/dV).
   const int64_t units = (Hq / Hkv) * ((Nq + kBlockQ - 1) / kBlockQ);
@@ -714,9 +720,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const char* where, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gist_attention_bwd_cpu", [&] {
     bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, splits, g, softmax_scale, q_offset);
   });
-  at::Tensor dk = (splits == 1 ? dk_acc.squeeze(2) : dk_acc.sum(2)).to(k.scalar_type()).contiguous();
-  at::Tensor dv = (splits == 1 ? dv_acc.squeeze(2) : dv_acc.sum(2)).to(v.scalar_type()).contiguous();
-  return {dq, dk, dv};
+  if (!dq.is_same(dq_out)) dq_out.copy_(dq);
+  dk_out.copy_(splits == 1 ? dk_acc.squeeze(2) : dk_acc.sum(2));
+  dv_out.copy_(splits == 1 ? dv_acc.squeeze(2) : dv_acc.sum(2));
+  return {dq_out, dk_out, dv_out};
 }
 
 }  // namespace

@@ -134,6 +134,7 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.Hq = static_cast<int>(q.size(1));
   p.Hkv = static_cast<int>(k.size(1));
   p.group = p.Hq / p.Hkv;
+  p.dkdv_heads = 1;
   p.Nq = static_cast<int>(q.size(2));
   p.Nk = static_cast<int>(k.size(2));
   p.q_offset = static_cast<int>(q_offset);
@@ -291,10 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   const at::Tensor oc = aligned_contiguous(out), doc = kernel_input(dout), lc = lse.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
-  // Contiguous, as the fake kernel's (not empty_like: qc may be a strided view).
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  // Laid out like q, k, v (empty_like, HF's transposed views included), as the
+  // fake kernel's: the gradients then flow back through the caller's views
+  // with no copy (SDPA's backward does the same).
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (B == 0 || Hq == 0 || Nk == 0) return {dq, dk, dv};
   if (Nq == 0) {
     dk.zero_();
@@ -303,35 +304,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   }
   at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   const auto f32 = q.options().dtype(at::kFloat);
-  // Per query head fp32 dK/dV only when query heads share a key head.
-  const int64_t acc_rows = Hq == Hkv ? 0 : Nk;
+  const bool sm90 = use_sm90(q.get_device());
+  // Query heads per dK/dV CTA: the wgmma kernel sums a key head's whole group
+  // (UNIGIST_SM90_DKDV_GROUP_LOOP=0: one query head, for A/B).
+  const int64_t dkdv_heads = sm90 && !env_is("UNIGIST_SM90_DKDV_GROUP_LOOP", "0") ? Hq / Hkv : 1;
+  // Per query head fp32 dK/dV only when a CTA's sums are not its key head's.
+  const int64_t acc_rows = dkdv_heads == Hq / Hkv ? 0 : Nk;
   at::Tensor dk_acc = at::empty({B, Hq, acc_rows, D}, f32);
   at::Tensor dv_acc = at::empty({B, Hq, acc_rows, D}, f32);
   const Layout32 l = clamp_layout(ratio, window, num_sink, Nk);
   const layout::GistLayout gl{l.ratio, l.window, l.num_sink};
   const int64_t n_gist_rows =
       layout::gists_before(Nk, gl) - layout::gists_before(std::min<int64_t>(l.num_sink, Nk), gl);
-  at::Tensor dk_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
-  at::Tensor dv_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
+  at::Tensor dk_gist = at::empty({B, Hq / dkdv_heads, n_gist_rows, D}, f32);
+  at::Tensor dv_gist = at::empty({B, Hq / dkdv_heads, n_gist_rows, D}, f32);
+
+  // What the kernels write: dq, dk, dv themselves, or contiguous stand-ins
+  // copied into them afterwards (a layout the kernels cannot write, a group
+  // summed by reduce_group_kernel, UNIGIST_CUDA_STRIDED=0).
+  int64_t sb, sh, sn, kb, kh, kn, vb, vh, vn;
+  const bool strided = strided_inputs();
+  const at::Tensor dq_w = strided && in_place_strides(dq, sb, sh, sn) ? dq : at::empty(q.sizes(), q.options());
+  const bool dkv_in_place = strided && acc_rows == 0 && in_place_strides(dk, kb, kh, kn) &&
+                            in_place_strides(dv, vb, vh, vn) && kn == vn;
+  const at::Tensor dk_w = dkv_in_place ? dk : at::empty(k.sizes(), k.options());
+  const at::Tensor dv_w = dkv_in_place ? dv : at::empty(v.sizes(), v.options());
 
   AttnParams p = make_attn_params(qc, kc, vc, lc, l, softmax_scale, q_offset);
   p.out = oc.data_ptr();
   p.dout = doc.data_ptr();
   strides_of(doc, p.do_sb, p.do_sh, p.do_sn);
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
+  p.dq = dq_w.data_ptr();
+  p.dk = dk_w.data_ptr();
+  p.dv = dv_w.data_ptr();
+  int dv_sn = 0;
+  strides_of(dq_w, p.dq_sb, p.dq_sh, p.dq_sn);
+  strides_of(dk_w, p.dk_sb, p.dk_sh, p.dkv_sn);
+  strides_of(dv_w, p.dv_sb, p.dv_sh, dv_sn);
+  TORCH_INTERNAL_ASSERT(dv_sn == p.dkv_sn);
   p.dk_acc = dk_acc.data_ptr<float>();
   p.dv_acc = dv_acc.data_ptr<float>();
   p.dk_gist = dk_gist.data_ptr<float>();
   p.dv_gist = dv_gist.data_ptr<float>();
   p.n_gist_rows = static_cast<int>(n_gist_rows);
+  p.dkdv_heads = static_cast<int>(dkdv_heads);
   p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  launch_bwd(p, bf16, static_cast<int>(D), use_sm90(q.get_device()), stream);
+  launch_bwd(p, bf16, static_cast<int>(D), sm90, stream);
+  if (!dq_w.is_same(dq)) dq.copy_(dq_w);
+  if (!dk_w.is_same(dk)) dk.copy_(dk_w);
+  if (!dv_w.is_same(dv)) dv.copy_(dv_w);
   return {dq, dk, dv};
 }
 

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
   const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
-  const int64_t row_off = qt.row0 * D;  // in dq
+  const int64_t row_off = qt.b * p.dq_sb + qt.h * p.dq_sh + static_cast<int64_t>(qt.m0) * p.dq_sn;  // in dq
   const T* qg = static_cast<const T*>(p.q) + qt.q_off;
   const T* dog = static_cast<const T*>(p.dout) + qt.do_off;
   const T* kg = static_cast<const T*>(p.k) + qt.k_off;
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
     const int idx = lane + i * 32;
     const int r = warp * 16 + idx / DT, c = idx % DT;
     if (r < rows_here) {
-      *reinterpret_cast<uint4*>(dqg + static_cast<int64_t>(r) * D + c * 8) =
+      *reinterpret_cast<uint4*>(dqg + static_cast<int64_t>(r) * p.dq_sn + c * 8) =
           *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
     }
   }
@@ -509,6 +509,7 @@ void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
     launch_bwd_dkdv_sm90(p, bf16, D, stream);
 #endif
   } else {
+    TORCH_INTERNAL_ASSERT(p.dkdv_heads == 1, "the mma.sync dK/dV kernel visits one query head per CTA");
     constexpr int smem = dkv_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -521,8 +522,8 @@ void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
     kernel<<<grid_of(p, dense_blocks), kBwdThreads, smem, stream>>>(p, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // 5. group sums (group 1: the dense pass wrote dk and dv)
-  if (p.group == 1) return;
+  // 5. group sums (none when the dense pass summed the group: it wrote dk and dv)
+  if (p.group == p.dkdv_heads) return;
   const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
   const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * per_head / 4;
   const unsigned nb = static_cast<unsigned>((total4 + 255) / 256);

@@ -16,7 +16,8 @@ namespace cuda_detail {
 // Parameters shared by the forward and backward kernels. q / dout [B, Hq, Nq,
 // D] and k / v [B, Hkv, Nk, D] are read through their element strides (batch,
 // head, row; the head dim unit-stride, rows 16-byte aligned), so a caller's
-// transposed view needs no copy; out, the outputs and lse are contiguous. Row
+// transposed view needs no copy; out and lse are contiguous, dq / dk / dv
+// strided as below. Row
 // strides are 32-bit and k and v share theirs (the entry points copy
 // otherwise): the wgmma producers have 56 registers.
 struct AttnParams {
@@ -31,14 +32,23 @@ struct AttnParams {
   float* lse;       // [B, Hq, Nq]
   const float* delta;  // backward: rowsum(dout * out) [B, Hq, Nq]
   void* dq;         // backward
-  void* dk;         // backward, group 1: dK, dV [B, Hkv, Nk, D]
+  void* dk;         // backward: dK, dV [B, Hkv, Nk, D]
   void* dv;
-  float* dk_acc;    // backward, group > 1: per q-head fp32 [B, Hq, Nk, D]
+  // Element strides of dq, dk, dv (batch, head, row; the head dim unit-stride,
+  // rows 16-byte aligned): the entry point allocates them like q, k, v (HF's
+  // transposed views too, as the fake kernel does), so autograd copies nothing.
+  int64_t dq_sb, dq_sh, dk_sb, dk_sh, dv_sb, dv_sh;
+  int dq_sn, dkv_sn;
+  float* dk_acc;    // backward, dkdv_heads < group: per q-head fp32 [B, Hq, Nk, D]
   float* dv_acc;
-  float* dk_gist;   // backward: gist pass partials [B, Hq, n_gist_rows, D]
+  float* dk_gist;   // backward: gist pass partials [B, Hq / dkdv_heads, n_gist_rows, D]
   float* dv_gist;
   int n_gist_rows;  // gists at or past num_sink
   int B, Hq, Hkv, group, Nq, Nk;
+  // Query heads one dK/dV CTA visits (1, or the whole group: the wgmma kernel
+  // sums a key head's group in registers, so no fp32 rows per query head and
+  // no reduce_group_kernel).
+  int dkdv_heads;
   int q_offset;
   int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
   Layout32 l;
@@ -76,9 +86,11 @@ struct DkdvKeys {
 
 
 // Launch grid for `blocks` CTAs per (batch, head); blockIdx -> (block, bh).
-inline dim3 grid_of(const AttnParams& p, int64_t blocks) {
-  return p.head_fast ? dim3(p.B * p.Hq, static_cast<unsigned>(blocks))
-                     : dim3(static_cast<unsigned>(blocks), p.B * p.Hq);
+// With heads_per_cta > 1 a CTA's "head" bh covers query heads
+// [heads_per_cta * bh, heads_per_cta * (bh + 1)) of the flattened B * Hq.
+inline dim3 grid_of(const AttnParams& p, int64_t blocks, int heads_per_cta = 1) {
+  const unsigned heads = static_cast<unsigned>(p.B * p.Hq / heads_per_cta);
+  return p.head_fast ? dim3(heads, static_cast<unsigned>(blocks)) : dim3(static_cast<unsigned>(blocks), heads);
 }
 __device__ __forceinline__ void block_coords(const AttnParams& p, int& blk, int& bh, int& nblk) {
   if (p.head_fast) {

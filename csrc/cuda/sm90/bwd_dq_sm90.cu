@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd
   const int q_lo = qt.q_lo, q_hi = qt.q_hi, rows_here = qt.rows_here, nblocks = qt.nblocks;
   const KeyBlocks& kb = qt.kb;
   const Layout32 l = p.l;
-  const int64_t row_off = qt.row0 * D;  // in dq
+  const int64_t row_off = qt.b * p.dq_sb + qt.h * p.dq_sh + static_cast<int64_t>(qt.m0) * p.dq_sn;  // in dq
 
   auto producer = [&] {
     const int t = threadIdx.x;  // 0..127
@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd
     // Epilogue: dQ * softmax_scale through the warp's own rows of sQ (only
     // this warpgroup's GEMMs read them, and those have completed).
     const float scale2[2] = {p.scale, p.scale};
-    store_rows_via_smem<BM>(sQ, dq, scale2, static_cast<T*>(p.dq) + row_off, wg * 64 + warp * 16, rows_here, lane);
+    store_rows_via_smem<BM>(sQ, dq, scale2, static_cast<T*>(p.dq) + row_off, p.dq_sn, wg * 64 + warp * 16, rows_here,
+                            lane);
   };
 
   warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);

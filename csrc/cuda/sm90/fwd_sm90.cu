@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_fwd
     float inv[2], lse[2];
     finish_rows(l_r, m_r, inv, lse);
     store_lse_rows(p, qt.row0, lse, r0, rows_here, lane);
-    store_rows_via_smem<BM>(sQ, o, inv, static_cast<T*>(p.o) + qt.row0 * D, wg * 64 + warp * 16, rows_here, lane);
+    store_rows_via_smem<BM>(sQ, o, inv, static_cast<T*>(p.o) + qt.row0 * D, D, wg * 64 + warp * 16, rows_here, lane);
   };
 
   warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);

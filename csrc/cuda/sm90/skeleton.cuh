@@ -151,11 +151,11 @@ __device__ __forceinline__ void produce_kv_blocks(const Bars& bars, const KB& kb
 // m64 accumulator (tile rows wrow + lane / 4 in acc[.][0..1], + 8 in [2..3]),
 // times mul[0] / mul[1], in T, staged in the same rows of a sw128 tile of ROWS
 // rows that no other warp reads any more, then written to dst (tile row r at
-// dst + r * D) in 16-byte chunks; rows from rows_here on are left out.
+// dst + r * row_stride) in 16-byte chunks; rows from rows_here on are left out.
 template <int ROWS, typename T, int DT>
 __device__ __forceinline__ void store_rows_via_smem(unsigned char* tile, const float (&acc)[DT][4],
-                                                    const float (&mul)[2], T* dst, int wrow, int rows_here,
-                                                    int lane) {
+                                                    const float (&mul)[2], T* dst, int64_t row_stride, int wrow,
+                                                    int rows_here, int lane) {
   using TT = cuda_detail::TypeTraits<T>;
   constexpr int D = DT * 8;
   const int r0 = wrow + lane / 4;
@@ -172,7 +172,7 @@ __device__ __forceinline__ void store_rows_via_smem(unsigned char* tile, const f
     const int idx = lane + i * 32;
     const int r = wrow + idx / DT, c = idx % DT;
     if (r < rows_here) {
-      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * D + c * 8) =
+      *reinterpret_cast<uint4*>(dst + r * row_stride + c * 8) =
           *reinterpret_cast<const uint4*>(tile + sw128_offset<ROWS>(r, c));
     }
   }
