@@ -99,12 +99,16 @@ at::Tensor kernel_input(const at::Tensor& t) {
   return strided_inputs() ? readable(t, sb, sh, sn) : aligned_contiguous(t);
 }
 
-// The same for k and v, which must also share their row stride (AttnParams::kv_sn).
+// Can the kernels read (or write) k and v in place? They must also share their
+// row stride (AttnParams::kv_sn, dkv_sn).
+bool kv_in_place(const at::Tensor& k, const at::Tensor& v) {
+  int64_t kb, kh, kn, vb, vh, vn;
+  return in_place_strides(k, kb, kh, kn) && in_place_strides(v, vb, vh, vn) && kn == vn;
+}
+
+// The same as kernel_input for k and v.
 std::pair<at::Tensor, at::Tensor> kernel_kv(const at::Tensor& k, const at::Tensor& v) {
-  if (strided_inputs()) {
-    int64_t kb, kh, kn, vb, vh, vn;
-    if (in_place_strides(k, kb, kh, kn) && in_place_strides(v, vb, vh, vn) && kn == vn) return {k, v};
-  }
+  if (strided_inputs() && kv_in_place(k, v)) return {k, v};
   return {aligned_contiguous(k), aligned_contiguous(v)};
 }
 
@@ -322,11 +326,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   // What the kernels write: dq, dk, dv themselves, or contiguous stand-ins
   // copied into them afterwards (a layout the kernels cannot write, a group
   // summed by reduce_group_kernel, UNIGIST_CUDA_STRIDED=0).
-  int64_t sb, sh, sn, kb, kh, kn, vb, vh, vn;
+  int64_t sb, sh, sn;
   const bool strided = strided_inputs();
   const at::Tensor dq_w = strided && in_place_strides(dq, sb, sh, sn) ? dq : at::empty(q.sizes(), q.options());
-  const bool dkv_in_place = strided && acc_rows == 0 && in_place_strides(dk, kb, kh, kn) &&
-                            in_place_strides(dv, vb, vh, vn) && kn == vn;
+  const bool dkv_in_place = strided && acc_rows == 0 && kv_in_place(dk, dv);
   const at::Tensor dk_w = dkv_in_place ? dk : at::empty(k.sizes(), k.options());
   const at::Tensor dv_w = dkv_in_place ? dv : at::empty(v.sizes(), v.options());
 
