@@ -556,7 +556,8 @@ def test_strided_inputs_read_in_place(seed, fwd_path, monkeypatch, d, dtype, lay
     assert got["1"][0].is_contiguous() and got["1"][1].is_contiguous()
     for name, g, like in zip(("dq", "dk", "dv"), got["1"][2:], (q, k, v)):
         assert g.stride() == torch.empty_like(like).stride(), name
-        assert (layout == "hf") == (not g.is_contiguous()), name
+        if layout == "hf":
+            assert not g.is_contiguous(), name
     ref = gist_attention_reference(q, k, v, cfg)
     assert rel_err(got["1"][0], ref) < FWD_TOL[dtype]
 
