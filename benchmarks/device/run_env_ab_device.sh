@@ -65,7 +65,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   done
 fi
 
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do  # ROUNDS=0: no A/B rounds
   for name in A B; do
     if [ $(($(date +%s) - T0)) -gt "${DEADLINE:-430}" ]; then echo "$(el) past DEADLINE: skipped"; break 2; fi
     if [ $name = A ]; then setting=$A; else setting=$B; fi

@@ -138,7 +138,6 @@ AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.Hq = static_cast<int>(q.size(1));
   p.Hkv = static_cast<int>(k.size(1));
   p.group = p.Hq / p.Hkv;
-  p.dkdv_heads = 1;
   p.Nq = static_cast<int>(q.size(2));
   p.Nk = static_cast<int>(k.size(2));
   p.q_offset = static_cast<int>(q_offset);
@@ -308,20 +307,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   }
   at::Tensor delta = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   const auto f32 = q.options().dtype(at::kFloat);
-  const bool sm90 = use_sm90(q.get_device());
-  // Query heads per dK/dV CTA: the wgmma kernel sums a key head's whole group
-  // (UNIGIST_SM90_DKDV_GROUP_LOOP=0: one query head, for A/B).
-  const int64_t dkdv_heads = sm90 && !env_is("UNIGIST_SM90_DKDV_GROUP_LOOP", "0") ? Hq / Hkv : 1;
-  // Per query head fp32 dK/dV only when a CTA's sums are not its key head's.
-  const int64_t acc_rows = dkdv_heads == Hq / Hkv ? 0 : Nk;
+  // Per query head fp32 dK/dV only when query heads share a key head.
+  const int64_t acc_rows = Hq == Hkv ? 0 : Nk;
   at::Tensor dk_acc = at::empty({B, Hq, acc_rows, D}, f32);
   at::Tensor dv_acc = at::empty({B, Hq, acc_rows, D}, f32);
   const Layout32 l = clamp_layout(ratio, window, num_sink, Nk);
   const layout::GistLayout gl{l.ratio, l.window, l.num_sink};
   const int64_t n_gist_rows =
       layout::gists_before(Nk, gl) - layout::gists_before(std::min<int64_t>(l.num_sink, Nk), gl);
-  at::Tensor dk_gist = at::empty({B, Hq / dkdv_heads, n_gist_rows, D}, f32);
-  at::Tensor dv_gist = at::empty({B, Hq / dkdv_heads, n_gist_rows, D}, f32);
+  at::Tensor dk_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
+  at::Tensor dv_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
 
   // What the kernels write: dq, dk, dv themselves, or contiguous stand-ins
   // copied into them afterwards (a layout the kernels cannot write, a group
@@ -351,12 +346,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   p.dk_gist = dk_gist.data_ptr<float>();
   p.dv_gist = dv_gist.data_ptr<float>();
   p.n_gist_rows = static_cast<int>(n_gist_rows);
-  p.dkdv_heads = static_cast<int>(dkdv_heads);
   p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  launch_bwd(p, bf16, static_cast<int>(D), sm90, stream);
+  launch_bwd(p, bf16, static_cast<int>(D), use_sm90(q.get_device()), stream);
   if (!dq_w.is_same(dq)) dq.copy_(dq_w);
   if (!dk_w.is_same(dk)) dk.copy_(dk_w);
   if (!dv_w.is_same(dv)) dv.copy_(dv_w);

@@ -509,7 +509,6 @@ void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
     launch_bwd_dkdv_sm90(p, bf16, D, stream);
 #endif
   } else {
-    TORCH_INTERNAL_ASSERT(p.dkdv_heads == 1, "the mma.sync dK/dV kernel visits one query head per CTA");
     constexpr int smem = dkv_smem_bytes<D>();
     auto kernel = gist_attn_bwd_dkdv_kernel<T, D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -522,8 +521,8 @@ void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
     kernel<<<grid_of(p, dense_blocks), kBwdThreads, smem, stream>>>(p, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // 5. group sums (none when the dense pass summed the group: it wrote dk and dv)
-  if (p.group == p.dkdv_heads) return;
+  // 5. group sums (group 1: the dense pass wrote dk and dv)
+  if (p.group == 1) return;
   const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
   const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * per_head / 4;
   const unsigned nb = static_cast<unsigned>((total4 + 255) / 256);

@@ -14,13 +14,12 @@ namespace cuda_detail {
 // Epilogue of the dK/dV kernels (mma.sync and wgmma): a thread's key rows
 // kp_row[0..1] (-1: none), from fragments in the m16n8 accumulator layout (row
 // lane / 4 in [.][0..1], + 8 in [.][2..3]); dK is scaled by softmax_scale.
-// bh: the CTA's head, b * Hq + h, or b * Hkv + key head when the CTA visits
-// the key head's whole group (p.dkdv_heads == p.group).
 // The gist pass runs first and writes the fp32 partial of each gist row past
-// the sinks, per CTA head, packed by gist index (1/(ratio+1) of the keys'
-// memory). The dense pass adds it and writes the final rows: in the input
-// dtype when the CTA's sums are the key head's (no fp32 copy of dK and dV),
-// else fp32 per query head for reduce_group_kernel.
+// the sinks, per query head (bh = b * Hq + h), packed by gist index (1/(ratio+1)
+// of the keys' memory). The dense pass adds it and writes the final rows: in
+// the input dtype when a key head has one query head (no group sum, no fp32
+// copy of dK and dV; dk / dv through their strides), else fp32 per query head
+// for reduce_group_kernel.
 template <typename T, int DT>
 __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, const int (&kp_row)[2],
                                                 const float (&dk)[DT][4], const float (&dv)[DT][4], int lane,
@@ -37,7 +36,7 @@ __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, con
     const int64_t gist_off =
         gist_row ? (static_cast<int64_t>(bh) * p.n_gist_rows + (p.l.gists_before(kp) - g0)) * D + col : 0;
     const int64_t row_off = (static_cast<int64_t>(bh) * p.Nk + kp) * D + col;  // in dk_acc, dv_acc
-    // In dk, dv (written when the CTA's sums are its key head's: bh = b * Hkv + key head).
+    // In dk, dv (written at group 1, where bh = b * Hkv + key head).
     const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
     const int64_t dk_off = b * p.dk_sb + hk * p.dk_sh + static_cast<int64_t>(kp) * p.dkv_sn + col;
     const int64_t dv_off = b * p.dv_sb + hk * p.dv_sh + static_cast<int64_t>(kp) * p.dkv_sn + col;
@@ -59,7 +58,7 @@ __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, con
         v2.x += v0.x;
         v2.y += v0.y;
       }
-      if (p.group == p.dkdv_heads) {
+      if (p.group == 1) {
         reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + dk_off + i * 8)[0] = TT::pack(k2.x, k2.y);
         reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + dv_off + i * 8)[0] = TT::pack(v2.x, v2.y);
       } else {

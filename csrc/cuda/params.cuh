@@ -39,16 +39,12 @@ struct AttnParams {
   // transposed views too, as the fake kernel does), so autograd copies nothing.
   int64_t dq_sb, dq_sh, dk_sb, dk_sh, dv_sb, dv_sh;
   int dq_sn, dkv_sn;
-  float* dk_acc;    // backward, dkdv_heads < group: per q-head fp32 [B, Hq, Nk, D]
+  float* dk_acc;    // backward, group > 1: per q-head fp32 [B, Hq, Nk, D]
   float* dv_acc;
-  float* dk_gist;   // backward: gist pass partials [B, Hq / dkdv_heads, n_gist_rows, D]
+  float* dk_gist;   // backward: gist pass partials [B, Hq, n_gist_rows, D]
   float* dv_gist;
   int n_gist_rows;  // gists at or past num_sink
   int B, Hq, Hkv, group, Nq, Nk;
-  // Query heads one dK/dV CTA visits (1, or the whole group: the wgmma kernel
-  // sums a key head's group in registers, so no fp32 rows per query head and
-  // no reduce_group_kernel).
-  int dkdv_heads;
   int q_offset;
   int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
   Layout32 l;
@@ -86,11 +82,9 @@ struct DkdvKeys {
 
 
 // Launch grid for `blocks` CTAs per (batch, head); blockIdx -> (block, bh).
-// With heads_per_cta > 1 a CTA's "head" bh covers query heads
-// [heads_per_cta * bh, heads_per_cta * (bh + 1)) of the flattened B * Hq.
-inline dim3 grid_of(const AttnParams& p, int64_t blocks, int heads_per_cta = 1) {
-  const unsigned heads = static_cast<unsigned>(p.B * p.Hq / heads_per_cta);
-  return p.head_fast ? dim3(heads, static_cast<unsigned>(blocks)) : dim3(static_cast<unsigned>(blocks), heads);
+inline dim3 grid_of(const AttnParams& p, int64_t blocks) {
+  return p.head_fast ? dim3(p.B * p.Hq, static_cast<unsigned>(blocks))
+                     : dim3(static_cast<unsigned>(blocks), p.B * p.Hq);
 }
 __device__ __forceinline__ void block_coords(const AttnParams& p, int& blk, int& bh, int& nblk) {
   if (p.head_fast) {

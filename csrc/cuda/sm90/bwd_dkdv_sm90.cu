@@ -43,13 +43,6 @@
 // dV(i) is: with S^T, dP^T, dK, dV and a second packed operand all in flight,
 // ptxas runs out of registers (measured: C7512, every wgmma serialized,
 // unless the consumers had > 248 registers).
-// GQA: a CTA visits the query steps of every query head of its key head's
-// group in turn (p.dkdv_heads == p.group), its dK / dV accumulators summing
-// over all of them, so the dense pass writes dk / dv in the input dtype as at
-// group 1: no fp32 rows per query head, no reduce_group_kernel. The ring runs
-// on across heads; a consumer whose steps are a part of the CTA's drains its
-// GEMMs between heads. (p.dkdv_heads == 1: one query head per CTA, as the
-// mma.sync kernel; UNIGIST_SM90_DKDV_GROUP_LOOP=0 selects it for A/B.)
 // The gist pass visits its query steps last to first: every gist block of a
 // head then starts at the head's last tile and the blocks resident together
 // read the same Q / dO rows (the mma.sync order, first to first, has each
@@ -118,9 +111,7 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
 
   int blk, bh, nblk;
   block_coords(p, blk, bh, nblk);
-  // Query heads h0 .. h0 + heads - 1 of batch b, all of key head h0 / group.
-  const int heads = p.dkdv_heads;
-  const int b = bh / (p.Hq / heads), h0 = (bh % (p.Hq / heads)) * heads;
+  const int b = bh / p.Hq, h = bh % p.Hq;
   const Layout32 l = p.l;
   const DkdvKeys keys(p, gist_pass, blk, BN);
   const int first = keys.first, end = keys.end;
@@ -142,13 +133,13 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   }
   if (st_end <= st_begin) st_begin = st_end = 0;
   const int n_it = st_end - st_begin;
-  // Iteration g * n_it + i visits step step_of(i) of query head h0 + g:
-  // first to last (dense), last to first (gist).
-  auto step_of = [&](int i) { return gist_pass ? st_end - 1 - i : st_begin + i; };
+  // Iteration it visits step step_of(it): first to last (dense), last to first (gist).
+  auto step_of = [&](int it) { return gist_pass ? st_end - 1 - it : st_begin + it; };
+  const int64_t qrow0 = static_cast<int64_t>(bh) * p.Nq;
 
   auto producer = [&] {
     const int t = threadIdx.x;  // 0..127
-    const int64_t k_off = b * p.k_sb + (h0 / p.group) * p.k_sh, v_off = b * p.v_sb + (h0 / p.group) * p.v_sh;
+    const int64_t k_off = b * p.k_sb + (h / p.group) * p.k_sh, v_off = b * p.v_sb + (h / p.group) * p.v_sh;
     // Zero-filled rows past the block's end: S^T = dP^T = 0 there (masked),
     // never written back.
     {
@@ -158,26 +149,22 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       gather_rows<BN, D>(sV, static_cast<const T*>(p.v) + v_off, pos0, stride, p.kv_sn, end - first, t);
       cp_async_arrive(kv_full);
     }
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
     // Rows past Nq: Q, dO, lse and delta zero-filled (finite S^T, dP^T, dS^T;
     // their P^T is masked).
-    for (int g = 0, it = 0; g < heads; ++g) {
-      const int h = h0 + g;
-      const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-      const int64_t qrow0 = (static_cast<int64_t>(b) * p.Hq + h) * p.Nq;  // in lse, delta
-      for (int i = 0; i < n_it; ++i, ++it) {
-        const int st = it % STAGES;
-        bars.wait_empty(it);
-        const int t0 = step_of(i) * BQ;
-        const int nrows = p.Nq - t0;
-        gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, p.q_sn, nrows, t);
-        if (t < BQ) cp_async4(sL + st * BQ + t, p.lse + qrow0 + (t < nrows ? t0 + t : 0), t < nrows);
-        cp_async_arrive(q_full(st));
-        gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, p.do_sn, nrows, t);
-        const int r = t - BQ;
-        if (t >= BQ) cp_async4(sDl + st * BQ + r, p.delta + qrow0 + (r < nrows ? t0 + r : 0), r < nrows);
-        cp_async_arrive(do_full(st));
-      }
+    for (int it = 0; it < n_it; ++it) {
+      const int st = it % STAGES;
+      bars.wait_empty(it);
+      const int t0 = step_of(it) * BQ;
+      const int nrows = p.Nq - t0;
+      gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, p.q_sn, nrows, t);
+      if (t < BQ) cp_async4(sL + st * BQ + t, p.lse + qrow0 + (t < nrows ? t0 + t : 0), t < nrows);
+      cp_async_arrive(q_full(st));
+      gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, p.do_sn, nrows, t);
+      const int r = t - BQ;
+      if (t >= BQ) cp_async4(sDl + st * BQ + r, p.delta + qrow0 + (r < nrows ? t0 + r : 0), r < nrows);
+      cp_async_arrive(do_full(st));
     }
     cp_async_wait<0>();
   };
@@ -273,10 +260,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     // score may overflow exp2. Element (key row, query col) is counted iff the
     // mma.sync kernel counts it in this pass: lo <= col <= hi, the interval form
     // of its test (layout::dkdv_key_cols, checked against it in tests/cpp).
-    int base = 0;  // first iteration of the current query head
     auto compute_p = [&](int it) {
       const int st = it % STAGES;
-      const int t0 = step_of(it - base) * BQ;
+      const int t0 = step_of(it) * BQ;
       const int q_lo = p.q_offset + t0;
       const float* cL = sL + st * BQ;
       const bool full = all_in(t0);
@@ -333,42 +319,30 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
       issue_dk(it);
     };
 
-    // The S^T GEMM of it queues behind the dK GEMM of it - 1; dP^T is issued
-    // once that dK GEMM (which reads af) is done: S^T, dP^T, dK and dV
-    // accumulators and af all in flight at once would not fit in 240
-    // registers (ptxas would serialize every wgmma).
-    auto pipelined = [&](int it) {
-      issue_s(it);
-      wgmma_wait<1>();  // the dK GEMM of it - 1: stage it - 1 is no longer read
-      reg_fence(af);
-      bars.release(it - 1, lane);
-      issue_dp(it);
-      step(it);
-    };
-    // Active on every step: consecutive heads' iterations follow each other
-    // with no stage between them, so the pipeline runs on across heads.
-    const bool chain = ia == 0 && ib == n_it;
-    for (int g = 0; g < heads; ++g, base += n_it) {
-      for (int it = base; it < base + ia; ++it) skip(it);
-      if (ia < ib) {
-        if (chain && g > 0) {
-          pipelined(base);
-        } else {
-          mbar_wait(kv_full, 0);
-          issue_s(base + ia);
-          issue_dp(base + ia);
-          step(base + ia);
-        }
-        for (int it = base + ia + 1; it < base + ib; ++it) pipelined(it);
-        if (!chain || g == heads - 1) {
-          wgmma_wait<0>();
-          reg_fence(dk);
-          reg_fence(dv);
-          bars.release(base + ib - 1, lane);
-        }
+    for (int it = 0; it < ia; ++it) skip(it);
+    if (ia < ib) {
+      mbar_wait(kv_full, 0);
+      issue_s(ia);
+      issue_dp(ia);
+      step(ia);
+      for (int it = ia + 1; it < ib; ++it) {
+        // The S^T GEMM of it queues behind the dK GEMM of it - 1; dP^T is issued
+        // once that dK GEMM (which reads af) is done: S^T, dP^T, dK and dV
+        // accumulators and af all in flight at once would not fit in 240
+        // registers (ptxas would serialize every wgmma).
+        issue_s(it);
+        wgmma_wait<1>();  // the dK GEMM of it - 1: stage it - 1 is no longer read
+        reg_fence(af);
+        bars.release(it - 1, lane);
+        issue_dp(it);
+        step(it);
       }
-      for (int it = base + ib; it < base + n_it; ++it) skip(it);
+      wgmma_wait<0>();
+      reg_fence(dk);
+      reg_fence(dv);
+      bars.release(ib - 1, lane);
     }
+    for (int it = ib; it < n_it; ++it) skip(it);
 
     // Epilogue: every key row of the block, zeros included (the dense pass
     // reads the gist pass's partials).
@@ -389,11 +363,11 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
   // The gist pass first: the dense pass adds its partials.
   const int64_t gist_blocks = (p.n_gist_rows + C::BN - 1) / C::BN;
   if (gist_blocks > 0) {
-    kernel<<<grid_of(p, gist_blocks, p.dkdv_heads), C::THREADS, C::SMEM, stream>>>(p, 1);
+    kernel<<<grid_of(p, gist_blocks), C::THREADS, C::SMEM, stream>>>(p, 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int dense_blocks = (p.Nk + C::BN - 1) / C::BN;
-  kernel<<<grid_of(p, dense_blocks, p.dkdv_heads), C::THREADS, C::SMEM, stream>>>(p, 0);
+  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
