@@ -13,8 +13,9 @@
 # DIAG_PATCH=<patch> builds a patched copy in parallel and, at the end, times the
 # forward (and with DIAG_BWD=1 forward+backward) of both trees on DIAG_BENCH
 # (';'-separated bench_attention.py args).
-# ROWS: ';'-separated bench_attention.py argument lists, each run once with B and --append (the
-# rows of benchmarks/results/attention.md it measures are replaced; the table is copied to the logs).
+# ROWS: ';'-separated bench_attention.py argument lists, each run once with B (ROWS_WITH=faster:
+# with the setting whose fwd+bwd was faster in the rounds) and --append (the rows of
+# benchmarks/results/attention.md it measures are replaced; the table is copied to the logs).
 # PYTEST_FILES: what pytest -m cuda runs (default tests/test_cuda_*.py), PYTEST_S its timeout;
 # SMOKES: '|'-separated tests/cuda scripts run under memcheck (default "smoke_bwd.py quick|smoke_cache.py").
 # PYTEST_K: a pytest -k expression (default: every test); SKIP_TESTS=1: only benchmark. Steps have timeouts; benchmark rounds are
@@ -88,19 +89,27 @@ for val in (a, b):
                     r = rows.setdefault(f"N={m[1]} r={m[2]} {name}", {})
                     r.setdefault(val, []).append((float(ug), float(sd)))
 print(f"{'shape':24s} {'ms ' + a:>10s} {'ms ' + b:>10s} {b + '/' + a:>8s} {'SDPA/' + a:>8s} {'SDPA/' + b:>8s}")
+total = {a: 0.0, b: 0.0}
 for key, d in rows.items():
+    for val in (a, b):
+        if "fwd+bwd" in key and d.get(val):
+            total[val] += statistics.median(x for x, _ in d[val])
     ua = statistics.median(x for x, _ in d.get(a, [(float('nan'), 1)]))
     ub = statistics.median(x for x, _ in d.get(b, [(float('nan'), 1)]))
     sa = statistics.median(y for _, y in d.get(a, [(1, float('nan'))]))
     sb = statistics.median(y for _, y in d.get(b, [(1, float('nan'))]))
     print(f"{key:24s} {ua:10.3f} {ub:10.3f} {ub / ua:8.3f} {sa / ua:8.2f} {sb / ub:8.2f}")
+# The faster setting by total fwd+bwd time (B when there were no rounds), for ROWS_WITH=faster.
+open(f"{logs}/faster", "w").write(a if 0 < total[a] < total[b] else b)
 EOF
 if [ -n "${ROWS:-}" ]; then
   IFS=';' read -ra RS <<< "$ROWS"
   for args in "${RS[@]}"; do
     if [ $(($(date +%s) - T0)) -gt "${DEADLINE:-430}" ]; then echo "$(el) past DEADLINE: skipped [$args]"; continue; fi
-    env $B timeout 150 python3 benchmarks/bench_attention.py --no-flex --append $args >> "$L/rows.log" 2>&1
-    echo "$(el) rows [$args] with $B: rc=$?"
+    setting=$B
+    [ "${ROWS_WITH:-B}" = faster ] && [ "$(cat "$L/faster")" = A ] && setting=$A
+    env $setting timeout 150 python3 benchmarks/bench_attention.py --no-flex --append $args >> "$L/rows.log" 2>&1
+    echo "$(el) rows [$args] with $setting: rc=$?"
   done
   grep -E "^N=" "$L/rows.log" | cut -c1-160
 fi

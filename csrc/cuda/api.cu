@@ -3,6 +3,7 @@
 // kernel code here; the kernels see plain pointers and sizes (params.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -90,6 +91,12 @@ at::Tensor readable(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sn) 
 // switch). Read on every call, as UNIGIST_FORCE_SM80.
 bool strided_inputs() {
   return !env_is("UNIGIST_CUDA_STRIDED", "0");
+}
+
+// The backward's dQ kernel on a second stream, beside dK/dV
+// (UNIGIST_CUDA_CONCURRENT_DQ=1; read on every call, as the switches above).
+bool concurrent_dq() {
+  return env_is("UNIGIST_CUDA_CONCURRENT_DQ", "1");
 }
 
 // What the attention kernels read of t: t itself or an aligned contiguous copy
@@ -324,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   int64_t sb, sh, sn;
   const bool strided = strided_inputs();
   const at::Tensor dq_w = strided && in_place_strides(dq, sb, sh, sn) ? dq : at::empty(q.sizes(), q.options());
-  const bool dkv_in_place = strided && acc_rows == 0 && kv_in_place(dk, dv);
+  const bool dkv_in_place = strided && kv_in_place(dk, dv);
   const at::Tensor dk_w = dkv_in_place ? dk : at::empty(k.sizes(), k.options());
   const at::Tensor dv_w = dkv_in_place ? dv : at::empty(v.sizes(), v.options());
 
@@ -348,9 +355,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   p.n_gist_rows = static_cast<int>(n_gist_rows);
   p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  launch_bwd(p, bf16, static_cast<int>(D), use_sm90(q.get_device()), stream);
+  const bool sm90 = use_sm90(q.get_device());
+  launch_bwd(p, bf16, static_cast<int>(D), sm90, BwdStep::kDelta, stream);
+  if (concurrent_dq()) {
+    // dQ on a pool stream beside dK/dV: each kernel's tail (and the gap between
+    // the dK/dV passes) is filled with the other's CTAs. Joined before return,
+    // so everything after (and the caching allocator, which orders reuse on
+    // `stream`) sees both done; capturable in a CUDA graph (fork / join).
+    const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, q.get_device());
+    at::cuda::CUDAEvent forked, joined;
+    forked.record(stream);
+    forked.block(side);
+    launch_bwd(p, bf16, static_cast<int>(D), sm90, BwdStep::kDq, side);
+    joined.record(side);
+    launch_bwd(p, bf16, static_cast<int>(D), sm90, BwdStep::kDkdv, stream);
+    joined.block(stream);
+  } else {
+    launch_bwd(p, bf16, static_cast<int>(D), sm90, BwdStep::kDq, stream);
+    launch_bwd(p, bf16, static_cast<int>(D), sm90, BwdStep::kDkdv, stream);
+  }
   if (!dq_w.is_same(dq)) dq.copy_(dq_w);
   if (!dk_w.is_same(dk)) dk.copy_(dk_w);
   if (!dv_w.is_same(dv)) dv.copy_(dv_w);

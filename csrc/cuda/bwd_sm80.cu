@@ -457,56 +457,67 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
 }
 
 // ---------------------------------------------------------------------------
-// 5. dk[b, hkv, n, :] = sum over the group's query heads, in the input dtype.
-template <typename T>
-__global__ void __launch_bounds__(256) reduce_group_kernel(const float* __restrict__ acc,
-                                                           T* __restrict__ outp, int64_t per_head,
-                                                           int group, int64_t total4) {
+// 5. dk[b, hkv, n, :] and dv[b, hkv, n, :] = sums over the group's query heads
+// of dk_acc / dv_acc, in the input dtype, through dk's and dv's strides; 4
+// elements of each per thread.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) reduce_group_kernel(const AttnParams p, int64_t total4) {
   using TT = TypeTraits<T>;
   const int64_t i4 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i4 >= total4) return;
   const int64_t e = i4 * 4;
-  const int64_t head = e / per_head, off = e % per_head;  // head: b * Hkv + hkv
-  const float* src = acc + head * group * per_head + off;
-  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int g = 0; g < group; ++g) {
-    const float4 x = *reinterpret_cast<const float4*>(src + g * per_head);
-    s.x += x.x;
-    s.y += x.y;
-    s.z += x.z;
-    s.w += x.w;
+  const int64_t row = e / D, d = e % D;  // row: (b * Hkv + hkv) * Nk + n
+  const int64_t bkv = row / p.Nk, n = row % p.Nk;
+  const int64_t b = bkv / p.Hkv, hk = bkv % p.Hkv;
+  const int64_t src = (bkv * p.group * p.Nk + n) * D + d;
+  const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
+  float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+  for (int g = 0; g < p.group; ++g) {
+    const float4 xk = *reinterpret_cast<const float4*>(p.dk_acc + src + g * per_head);
+    const float4 xv = *reinterpret_cast<const float4*>(p.dv_acc + src + g * per_head);
+    sk.x += xk.x;
+    sk.y += xk.y;
+    sk.z += xk.z;
+    sk.w += xk.w;
+    sv.x += xv.x;
+    sv.y += xv.y;
+    sv.z += xv.z;
+    sv.w += xv.w;
   }
-  uint2 r;
-  r.x = TT::pack(s.x, s.y);
-  r.y = TT::pack(s.z, s.w);
-  *reinterpret_cast<uint2*>(outp + e) = r;
+  *reinterpret_cast<uint2*>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + n * p.dkv_sn + d) =
+      make_uint2(TT::pack(sk.x, sk.y), TT::pack(sk.z, sk.w));
+  *reinterpret_cast<uint2*>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + n * p.dkv_sn + d) =
+      make_uint2(TT::pack(sv.x, sv.y), TT::pack(sv.z, sv.w));
 }
 
 template <typename T, int D>
-void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
-  // 1. delta
+void launch_bwd_delta_t(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  // 2. dQ
+template <typename T, int D>
+void launch_bwd_dq_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
   if (sm90) {
 #ifdef UNIGIST_WITH_SM90
-    launch_bwd_dq_sm90(p, bf16, D, stream);
+    launch_bwd_dq_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
 #endif
-  } else {
-    constexpr int smem = dq_smem_bytes<D>();
-    auto kernel = gist_attn_bwd_dq_kernel<T, D>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid = grid_of(p, (p.Nq + kQTile - 1) / kQTile);
-    kernel<<<grid, kBwdThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  // 3./4. dK, dV
+  constexpr int smem = dq_smem_bytes<D>();
+  auto kernel = gist_attn_bwd_dq_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid = grid_of(p, (p.Nq + kQTile - 1) / kQTile);
+  kernel<<<grid, kBwdThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void launch_bwd_dkdv_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
   if (sm90) {
 #ifdef UNIGIST_WITH_SM90
-    launch_bwd_dkdv_sm90(p, bf16, D, stream);
+    launch_bwd_dkdv_sm90(p, std::is_same<T, __nv_bfloat16>::value, D, stream);
 #endif
   } else {
     constexpr int smem = dkv_smem_bytes<D>();
@@ -523,19 +534,25 @@ void launch_bwd_t(const AttnParams& p, bool sm90, cudaStream_t stream) {
   }
   // 5. group sums (group 1: the dense pass wrote dk and dv)
   if (p.group == 1) return;
-  const int64_t per_head = static_cast<int64_t>(p.Nk) * D;
-  const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * per_head / 4;
-  const unsigned nb = static_cast<unsigned>((total4 + 255) / 256);
-  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dk_acc, static_cast<T*>(p.dk), per_head,
-                                                 p.group, total4);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_group_kernel<T><<<nb, 256, 0, stream>>>(p.dv_acc, static_cast<T*>(p.dv), per_head,
-                                                 p.group, total4);
+  const int64_t total4 = static_cast<int64_t>(p.B) * p.Hkv * p.Nk * D / 4;
+  reduce_group_kernel<T, D><<<static_cast<unsigned>((total4 + 255) / 256), 256, 0, stream>>>(p, total4);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, cudaStream_t stream) {
-  UNIGIST_DISPATCH(bf16, head_dim, [&] { launch_bwd_t<T, kHeadDim>(p, sm90, stream); });
+void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, BwdStep step, cudaStream_t stream) {
+  UNIGIST_DISPATCH(bf16, head_dim, [&] {
+    switch (step) {
+      case BwdStep::kDelta:
+        launch_bwd_delta_t<T, kHeadDim>(p, stream);
+        break;
+      case BwdStep::kDq:
+        launch_bwd_dq_t<T, kHeadDim>(p, sm90, stream);
+        break;
+      case BwdStep::kDkdv:
+        launch_bwd_dkdv_t<T, kHeadDim>(p, sm90, stream);
+        break;
+    }
+  });
 }
 
 }  // namespace cuda_detail

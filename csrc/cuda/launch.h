@@ -24,9 +24,11 @@ inline bool env_is(const char* name, const char* value) {
 // mma.sync kernels (fwd_sm80.cu, bwd_sm80.cu, cache_fwd_sm80.cu), built for
 // every arch of TORCH_CUDA_ARCH_LIST.
 void launch_fwd(const AttnParams& p, bool bf16, int head_dim, cudaStream_t stream);
-// The whole backward: delta, dQ, dK/dV (both passes), the GQA group sums. With
-// sm90, dQ and dK/dV are the wgmma kernels.
-void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, cudaStream_t stream);
+// The backward in three steps: delta, then dQ and dK/dV (both passes, then the
+// GQA group sums), which depend on delta only, so they may run on two streams.
+// With sm90, dQ and dK/dV are the wgmma kernels.
+enum class BwdStep { kDelta, kDq, kDkdv };
+void launch_bwd(const AttnParams& p, bool bf16, int head_dim, bool sm90, BwdStep step, cudaStream_t stream);
 void launch_cache_fwd(const CacheParams& p, bool bf16, int head_dim, int tiles, cudaStream_t stream);
 
 // wgmma kernels (csrc/cuda/sm90/), built only when TORCH_CUDA_ARCH_LIST names
