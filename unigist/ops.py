@@ -217,7 +217,9 @@ def gist_attention(
 
     Returns:
         ``out``, contiguous ``[B, Hq, Nq, D]`` in q's dtype (and ``lse`` with ``return_lse``).
-        Differentiable in q, k, v (first derivatives only: double backward raises).
+        Differentiable in q, k, v (first derivatives only: double backward raises); their
+        gradients are laid out like them (``torch.empty_like``), so a transposed view's
+        gradient reaches its ``[B, N, H, D]`` base without a copy.
     """
     if not isinstance(config, GistConfig):
         raise TypeError(f"config must be a unigist.GistConfig, got {type(config).__name__}")
