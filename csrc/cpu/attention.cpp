@@ -542,7 +542,10 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const int64_t units = group * n_qblocks;  // (query head of the group, query block)
   const Mat<const scalar_t> qm = mat_of<scalar_t>(q), dom = mat_of<scalar_t>(dout), om = mat_of<scalar_t>(out);
   const acc_t* lp = lse.const_data_ptr<acc_t>();
+  // dq through its strides (the head dim unit-stride): HF's transposed layout too.
   scalar_t* dqp = dq.data_ptr<scalar_t>();
+  const int64_t dq_sb = dq.stride(0), dq_sh = dq.stride(1), dq_sn = dq.stride(2);
+  TORCH_INTERNAL_ASSERT(dq.stride(3) == 1 || D == 1);
   acc_t* dkp = dk_acc.data_ptr<acc_t>();
   acc_t* dvp = dv_acc.data_ptr<acc_t>();
   HeadKV<scalar_t> kv;
@@ -628,9 +631,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
           gemm(D, nq, n, ktm, ldkt, dp, nq, dqt.data(), nq, true);
         });
 
-        scalar_t* dqrow = dqp + ((b * Hq + h) * Nq + t0) * D;
+        scalar_t* dqrow = dqp + b * dq_sb + h * dq_sh + t0 * dq_sn;
         for (int64_t c = 0; c < nq; ++c) {
-          for (int64_t d = 0; d < D; ++d) dqrow[c * D + d] = static_cast<scalar_t>(dqt[d * nq + c]);
+          for (int64_t d = 0; d < D; ++d) dqrow[c * dq_sn + d] = static_cast<scalar_t>(dqt[d * nq + c]);
         }
       }
     }
@@ -699,7 +702,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const char* where, const 
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   // The gradients are laid out like q, k, v (empty_like, as the fake kernel's
   // and the CUDA kernels'), so they flow back through a caller's transposed
-  // views with no copy. The kernel writes dq contiguous.
+  // views with no copy. The kernel writes dq through its strides when its head
+  // dim is unit-stride, else a contiguous stand-in copied after.
   at::Tensor dq_out = at::empty_like(q_in), dk_out = at::empty_like(k_in), dv_out = at::empty_like(v_in);
   if (q.numel() == 0 || k.numel() == 0) {
     dq_out.zero_();
@@ -707,7 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const char* where, const 
     dv_out.zero_();
     return {dq_out, dk_out, dv_out};
   }
-  at::Tensor dq = dq_out.is_contiguous() ? dq_out : at::empty(q.sizes(), q.options());
+  at::Tensor dq = dq_out.stride(3) == 1 ? dq_out : at::empty(q.sizes(), q.options());
   // Enough tasks for every thread: split a (batch, kv head)'s query blocks
   // when there are fewer of those than threads (each split has its own dK/dV).
   const int64_t units = (Hq / Hkv) * ((Nq + kBlockQ - 1) / kBlockQ);
