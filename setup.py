@@ -130,7 +130,7 @@ def _rel(paths):
 
 
 def extensions():
-    cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cpu_sources = _rel([os.path.join(HERE, "csrc", "ops.cpp"), os.path.join(HERE, "csrc", "autograd.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     # at::parallel_for is an inline template of ATen's OpenMP backend: without
     # -fopenmp the kernels' loops over heads and query blocks would run serially.
     cxx_flags = ["-O3", "-fopenmp"] + _cpu_isa_args()

@@ -557,6 +557,56 @@ def test_strided_inputs_read_in_place(seed, fwd_path, monkeypatch, d, dtype, lay
     assert rel_err(got["1"][0], ref) < FWD_TOL[dtype]
 
 
+# UNIGIST_SM90_TMA=1 loads the K/V blocks of the wgmma forward and dQ kernels,
+# and the Q/dO steps of the dK/dV kernel, through tensor maps instead of
+# cp.async gathers. Every key a row sees reaches shared memory with the same
+# value; rows past a block's end are real keys (or zeros past the tensor)
+# instead of zeros, and masked. So the outputs must be bitwise equal. In
+# "buffer" q, k, v and dout are the first rows of longer buffers whose other
+# rows are NaN: a load past the last row would show.
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("layout", ["bhnd", "hf", "buffer"])
+@pytest.mark.parametrize("path", ["sm90x2", "sm90x3"])
+def test_tma_loads_equal_cp_async(seed, monkeypatch, capfd, case, d, layout, path):
+    _select_path(path, monkeypatch)
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    b, hq, hkv, dtype, dev = 2, 4, 2, torch.bfloat16, "cuda"
+    if layout == "hf":
+        q = torch.randn(b, nq, hq, d, device=dev, dtype=dtype).transpose(1, 2)
+        k, v = (torch.randn(b, nk, hkv, d, device=dev, dtype=dtype).transpose(1, 2) for _ in range(2))
+        dout = torch.randn(b, nq, hq, d, device=dev, dtype=dtype).transpose(1, 2)
+    else:
+        q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
+        dout = torch.randn(b, hq, nq, d, device=dev, dtype=dtype)
+        if layout == "buffer":
+            def narrowed(t):
+                buf = torch.full((*t.shape[:2], t.shape[2] + 300, d), float("nan"), device=dev, dtype=dtype)
+                buf[:, :, : t.shape[2]] = t
+                return buf[:, :, : t.shape[2]]
+
+            q, k, v, dout = (narrowed(t) for t in (q, k, v, dout))
+    scale = 1.0 / math.sqrt(d)
+    got = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("UNIGIST_SM90_TMA", mode)
+        _poison_allocator(q.shape, dtype=dtype)
+        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+        grads = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+        )
+        got[mode] = (out, lse, *grads)
+    torch.cuda.synchronize()
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), got["0"], got["1"]):
+        assert torch.equal(a, c), name
+    assert "cuTensorMapEncodeTiled failed" not in capfd.readouterr().err
+    ref = gist_attention_reference(q, k, v, cfg, q_offset=off)
+    assert rel_err(got["1"][0], ref) < FWD_TOL[dtype]
+    for g in got["1"][2:]:
+        assert torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
 def test_hf_layout_backward_copies_nothing(seed, hkv):
     """HF hands attention transposed views of [B, N, H, D] projections. The

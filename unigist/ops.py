@@ -306,22 +306,9 @@ def _bwd_fake(dout, q, k, v, out, lse, ratio, window, num_sink, softmax_scale, q
 # ---------------------------------------------------------------------------
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, ratio, window, num_sink, softmax_scale, q_offset = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.layout_args = (ratio, window, num_sink, softmax_scale, q_offset)
-    ctx.mark_non_differentiable(lse)
-
-
-def _fwd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    # dout goes in as it comes (any strides): the kernels read it in place.
-    dq, dk, dv = torch.ops.unigist.gist_attention_bwd(dout, q, k, v, out, lse, *ctx.layout_args)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("unigist::gist_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+# unigist::gist_attention_fwd's autograd is registered in C++ (csrc/autograd.cpp:
+# the backward is gist_attention_bwd on the saved q, k, v, out, lse), to spare
+# every training step the host time of a Python autograd wrapper.
 
 DOUBLE_BACKWARD_MESSAGE = (
     "unigist: second derivatives (double backward) of gist_attention are not supported: "

@@ -17,7 +17,9 @@
 //   * warpgroup 0 (producer) gathers the block's K and V once (constant-stride
 //     gather_rows: consecutive keys or gists ratio + 1 apart, zero-filled past
 //     the end) and streams the query steps (Q and dO rows, lse and delta) through
-//     a ring of STAGES buffers completing on mbarriers.
+//     a ring of STAGES buffers completing on mbarriers: Q and dO as TMA boxes
+//     issued by thread 0 (sm90/tma.cuh; cp.async gathers with
+//     UNIGIST_SM90_TMA=0), lse and delta with cp.async.
 //   * warpgroups 1 and 2 (consumers) own 64 keys each (BN = 128). Keys are the
 //     M dimension of every GEMM:
 //       S^T = K Q^T, dP^T = V dO^T            (wgmma SS, both K-major)
@@ -89,7 +91,8 @@ __device__ __forceinline__ void dkdv_step_range(const Layout32& l, int gist_pass
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const AttnParams p, const int gist_pass) {
+__global__ void __launch_bounds__(384, 1)
+    gist_attn_bwd_dkdv_sm90_kernel(const AttnParams p, const int gist_pass, const __grid_constant__ QdoTensorMaps maps) {
   using namespace sm90;
   using C = Sm90Dkdv<D>;
   constexpr int BN = C::BN, BQ = C::BQ, STAGES = C::STAGES;
@@ -104,7 +107,9 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
   unsigned char* sdO = smem.take(STAGES * C::Q_BYTES);
   float* sL = reinterpret_cast<float*>(smem.take(STAGES * BQ * 4));   // lse, STAGES x BQ
   float* sDl = reinterpret_cast<float*>(smem.take(STAGES * BQ * 4));  // delta, STAGES x BQ
-  const RingBarriers<STAGES> bars{smem_u32(smem.next)};
+  // Through TMA, a stage's Q (dO) completes on thread 0's arrival with its
+  // bytes plus the 128 cp.async arrivals that bring lse (delta).
+  const RingBarriers<STAGES> bars{smem_u32(smem.next), maps.on ? 129 : 128};
   const uint32_t kv_full = bars.once();
   auto q_full = [&](int st) { return bars.full0(st); };
   auto do_full = [&](int st) { return bars.full1(st); };
@@ -153,15 +158,35 @@ __global__ void __launch_bounds__(384, 1) gist_attn_bwd_dkdv_sm90_kernel(const A
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
     // Rows past Nq: Q, dO, lse and delta zero-filled (finite S^T, dP^T, dS^T;
     // their P^T is masked).
+    namespace tma = sm90_tma;
+    if (maps.on && t == 0) {
+      tma::prefetch(&maps.q);
+      tma::prefetch(&maps.dout);
+    }
+    // A step's Q or dO through TMA: one box per 64-column slab, by thread 0.
+    auto load_rows = [&](const CUtensorMap* map, unsigned char* dst, int t0, uint32_t bar) {
+      tma::arrive_expect(bar, C::Q_BYTES);
+#pragma unroll
+      for (int slab = 0; slab < D / 64; ++slab)
+        tma::load_4d(smem_u32(dst) + slab * BQ * 128, map, slab * 64, t0, h, b, bar);
+    };
     for (int it = 0; it < n_it; ++it) {
       const int st = it % STAGES;
       bars.wait_empty(it);
       const int t0 = step_of(it) * BQ;
       const int nrows = p.Nq - t0;
-      gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, p.q_sn, nrows, t);
+      if (!maps.on) {
+        gather_rows<BQ, D>(sQ + st * C::Q_BYTES, qg, t0, 1, p.q_sn, nrows, t);
+      } else if (t == 0) {
+        load_rows(&maps.q, sQ + st * C::Q_BYTES, t0, q_full(st));
+      }
       if (t < BQ) cp_async4(sL + st * BQ + t, p.lse + qrow0 + (t < nrows ? t0 + t : 0), t < nrows);
       cp_async_arrive(q_full(st));
-      gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, p.do_sn, nrows, t);
+      if (!maps.on) {
+        gather_rows<BQ, D>(sdO + st * C::Q_BYTES, dog, t0, 1, p.do_sn, nrows, t);
+      } else if (t == 0) {
+        load_rows(&maps.dout, sdO + st * C::Q_BYTES, t0, do_full(st));
+      }
       const int r = t - BQ;
       if (t >= BQ) cp_async4(sDl + st * BQ + r, p.delta + qrow0 + (r < nrows ? t0 + r : 0), r < nrows);
       cp_async_arrive(do_full(st));
@@ -360,14 +385,16 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
   // Heads along x: every head's heaviest blocks (the sink block of the dense
   // pass, the first gist blocks, which see almost every query) start first.
   p.head_fast = 1;
+  QdoTensorMaps maps;
+  make_qdo_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BQ, maps);
   // The gist pass first: the dense pass adds its partials.
   const int64_t gist_blocks = (p.n_gist_rows + C::BN - 1) / C::BN;
   if (gist_blocks > 0) {
-    kernel<<<grid_of(p, gist_blocks), C::THREADS, C::SMEM, stream>>>(p, 1);
+    kernel<<<grid_of(p, gist_blocks), C::THREADS, C::SMEM, stream>>>(p, 1, maps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int dense_blocks = (p.Nk + C::BN - 1) / C::BN;
-  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0);
+  kernel<<<grid_of(p, dense_blocks), C::THREADS, C::SMEM, stream>>>(p, 0, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

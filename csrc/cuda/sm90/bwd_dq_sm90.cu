@@ -62,7 +62,8 @@ struct Sm90Dq {
 };
 
 template <typename T, int D, int CONSUMERS>
-__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd_dq_sm90_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
+    gist_attn_bwd_dq_sm90_kernel(const AttnParams p, const __grid_constant__ KvTensorMaps maps) {
   using namespace sm90;
   using C = Sm90Dq<D, CONSUMERS>;
   constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd
   unsigned char* sdO = smem.take(C::Q_BYTES);
   unsigned char* sK = smem.take(STAGES * C::KV_BYTES);
   unsigned char* sV = smem.take(STAGES * C::KV_BYTES);
-  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next)};
+  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next), maps.on ? 1 : 128};
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
@@ -96,7 +97,14 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_bwd
     gather_rows<BM, D>(sdO, dog, 0, 1, p.do_sn, rows_here, t);
     cp_async_arrive(q_full);
     // As the forward's; zero-filled rows past a block's end also make the dS K
-    // GEMM multiply a zero dS by a zero K row, never by garbage.
+    // GEMM multiply a zero dS by a zero K row, never by garbage. Through TMA
+    // those rows are real keys (or zeros past the tensor): finite K and V, so
+    // their masked dS is exactly 0 as well.
+    if (maps.on) {
+      if (t == 0) produce_kv_blocks_tma<BN, D>(bars, kb, nblocks, maps, qt.h / p.group, qt.b, sK, sV);
+      cp_async_wait<0>();
+      return;
+    }
     produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, p.kv_sn, sK, sV, t);
   };
 
@@ -219,7 +227,9 @@ void launch_bwd_dq_sm90_t(AttnParams p, cudaStream_t stream) {
   // rows in L2 (the forward measured 53% -> 92% L2 hits with this order).
   p.head_fast = 0;
   const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
-  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  KvTensorMaps maps;
+  make_kv_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BN, maps);
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -3,13 +3,14 @@
 // warpgroup MMA (wgmma) instead of mma.sync.
 //
 // CTA = 3 warpgroups, warp-specialized as in FlashAttention-3:
-//   * warpgroup 0 (producer) gathers Q once and the K/V rows of each key
-//     block with cp.async into a ring of STAGES buffers. Gist rows are
-//     strided (position g * (ratio + 1) + ratio) and the three key ranges of
-//     KeyBlocks differ per block, so the gather is cp.async with a constant
-//     per-thread stride inside each block rather than a TMA tensor map. Each
-//     thread's copies complete on an mbarrier (cp.async.mbarrier.arrive.noinc),
-//     so no CTA-wide __syncthreads sits in the loop.
+//   * warpgroup 0 (producer) gathers Q once with cp.async and loads the K/V
+//     rows of each key block into a ring of STAGES buffers: by default one
+//     thread issues TMA boxes (sm90/tma.cuh: gist rows, g * (ratio + 1) +
+//     ratio, are consecutive rows of a second tensor map); with
+//     UNIGIST_SM90_TMA=0, and over the compressed cache, all 128 threads
+//     gather with cp.async at a constant per-thread stride. Either way the
+//     copies complete on mbarriers, so no CTA-wide __syncthreads sits in the
+//     loop.
 //   * the consumer warpgroups own 64 query rows each (BM = 64 x consumers) and
 //     run S = Q K^T (A and B from shared memory) and O += P V (P from
 //     registers, V read MN-major), with the online softmax in registers (a
@@ -76,7 +77,8 @@ __device__ __forceinline__ const auto& pick(const A& a, const B& b) {
 // kCache: keys in the compressed-cache layout (CacheBlocks; gist_attention_cache_fwd),
 // else the interleaved layout (KeyBlocks).
 template <typename T, int D, int CONSUMERS, bool kCache>
-__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_fwd_sm90_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
+    gist_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ KvTensorMaps maps) {
   using namespace sm90;
   using C = Sm90Fwd<D, CONSUMERS>;
   constexpr int BM = C::BM, BN = C::BN, STAGES = C::STAGES;
@@ -88,7 +90,8 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_fwd
   unsigned char* sQ = smem.take(C::Q_BYTES);
   unsigned char* sK = smem.take(STAGES * C::KV_BYTES);
   unsigned char* sV = smem.take(STAGES * C::KV_BYTES);
-  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next)};
+  const bool tma = !kCache && maps.on;
+  const RingBarriers<STAGES, CONSUMERS> bars{smem_u32(smem.next), tma ? 1 : 128};
   const uint32_t q_full = bars.once();
 
   const QueryTile qt(p, BM, BN);
@@ -106,6 +109,13 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1) gist_attn_fwd
     const T* vg = static_cast<const T*>(p.v) + qt.v_off;
     gather_rows<BM, D>(sQ, qg, 0, 1, p.q_sn, rows_here, t);
     cp_async_arrive(q_full);
+    if constexpr (!kCache) {
+      if (tma) {
+        if (t == 0) produce_kv_blocks_tma<BN, D>(bars, qt.kb, nblocks, maps, qt.h / p.group, qt.b, sK, sV);
+        cp_async_wait<0>();
+        return;
+      }
+    }
     produce_kv_blocks<BN, D>(bars, kb, nblocks, l, kg, vg, p.kv_sn, sK, sV, t);
   };
 
@@ -195,7 +205,10 @@ void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
   auto kernel = gist_attn_fwd_sm90_kernel<T, D, CONSUMERS, kCache>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
   const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
-  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  KvTensorMaps maps;
+  maps.on = 0;
+  if constexpr (!kCache) make_kv_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BN, maps);
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

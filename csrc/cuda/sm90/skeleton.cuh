@@ -9,6 +9,7 @@
 
 #include "cuda/key_visit.cuh"
 #include "cuda/ptx.cuh"
+#include "cuda/sm90/tma.cuh"
 #include "cuda/sm90/wgmma.cuh"
 
 namespace unigist {
@@ -65,12 +66,14 @@ __device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, i
 // one for the operand loaded once per CTA (forward / dQ: Q (and dO); dK/dV: K
 // and V), then per ring stage two "full" barriers for the two streamed operands
 // (K and V; Q and dO) and one "empty". A full barrier completes on one
-// cp.async arrival per producer thread, an empty one on one arrival per
-// consumer warp (4 per consumer warpgroup).
+// cp.async arrival per producer thread (full_arrivals = 128), or on the one
+// arrival of the thread issuing TMA loads (1) plus their bytes; an empty one
+// on one arrival per consumer warp (4 per consumer warpgroup).
 template <int STAGES, int CONSUMERS = 2>
 struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
   static constexpr int kStages = STAGES;
   uint32_t bar0;
+  int full_arrivals = 128;
   __device__ __forceinline__ uint32_t once() const { return bar0; }
   __device__ __forceinline__ uint32_t full0(int st) const { return bar0 + 8 * (1 + st); }
   __device__ __forceinline__ uint32_t full1(int st) const { return bar0 + 8 * (1 + STAGES + st); }
@@ -79,8 +82,8 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
   __device__ __forceinline__ void init() const {
     mbar_init(once(), 128);
     for (int st = 0; st < STAGES; ++st) {
-      mbar_init(full0(st), 128);
-      mbar_init(full1(st), 128);
+      mbar_init(full0(st), full_arrivals);
+      mbar_init(full1(st), full_arrivals);
       mbar_init(empty(st), 4 * CONSUMERS);
     }
     mbar_init_fence();
@@ -145,6 +148,42 @@ __device__ __forceinline__ void produce_kv_blocks(const Bars& bars, const KB& kb
     cp_async_arrive(bars.full1(st));
   }
   cuda_detail::cp_async_wait<0>();
+}
+
+// The same loop through TMA (tma.cuh), run by one producer thread: per block a
+// box of BN rows x 64 columns per 64-column slab of K, then of V, from the
+// `rows` maps (consecutive keys) or the `gists` maps (gist index first: the
+// gists' rows are consecutive in that map). The ring's full barriers count one
+// arrival (RingBarriers::full_arrivals = 1) and the boxes' bytes.
+template <int BN, int D, typename Bars>
+__device__ __forceinline__ void produce_kv_blocks_tma(const Bars& bars, const cuda_detail::KeyBlocks& kb,
+                                                      int nblocks, const cuda_detail::KvTensorMaps& maps,
+                                                      int kv_head, int batch, unsigned char* sK,
+                                                      unsigned char* sV) {
+  namespace tma = cuda_detail::sm90_tma;
+  constexpr int KV_BYTES = BN * D * 2, STAGES = Bars::kStages, SLAB = BN * 128;
+  tma::prefetch(&maps.k_rows);
+  tma::prefetch(&maps.v_rows);
+  tma::prefetch(&maps.k_gists);
+  tma::prefetch(&maps.v_gists);
+  const uint32_t k0 = cuda_detail::smem_u32(sK), v0 = cuda_detail::smem_u32(sV);
+  for (int it = 0; it < nblocks; ++it) {
+    const int st = it % STAGES;
+    bars.wait_empty(it);
+    int kind, first, end;
+    kb.block(it, BN, kind, first, end);
+    const bool gist = kind == 1;
+    tma::arrive_expect(bars.full0(st), KV_BYTES);
+#pragma unroll
+    for (int slab = 0; slab < D / 64; ++slab)
+      tma::load_4d(k0 + st * KV_BYTES + slab * SLAB, gist ? &maps.k_gists : &maps.k_rows, slab * 64, first, kv_head,
+                   batch, bars.full0(st));
+    tma::arrive_expect(bars.full1(st), KV_BYTES);
+#pragma unroll
+    for (int slab = 0; slab < D / 64; ++slab)
+      tma::load_4d(v0 + st * KV_BYTES + slab * SLAB, gist ? &maps.v_gists : &maps.v_rows, slab * 64, first, kv_head,
+                   batch, bars.full1(st));
+  }
 }
 
 // Epilogue of the query-tile kernels (forward O, dQ): the warp's 16 rows of an
