@@ -67,8 +67,9 @@ __device__ __forceinline__ void gather_rows(unsigned char* tile, const T* src, i
 // and V), then per ring stage two "full" barriers for the two streamed operands
 // (K and V; Q and dO) and one "empty". A full barrier completes on one
 // cp.async arrival per producer thread (full_arrivals = 128), or on the one
-// arrival of the thread issuing TMA loads (1) plus their bytes; an empty one
-// on one arrival per consumer warp (4 per consumer warpgroup).
+// arrival of the thread issuing TMA loads plus their bytes (forward, dQ: 1;
+// dK/dV, whose lse and delta stay cp.async: 128 + 1); an empty one on one
+// arrival per consumer warp (4 per consumer warpgroup).
 template <int STAGES, int CONSUMERS = 2>
 struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
   static constexpr int kStages = STAGES;
