@@ -607,6 +607,49 @@ def test_tma_loads_equal_cp_async(seed, monkeypatch, capfd, case, d, layout, pat
         assert torch.isfinite(g).all()
 
 
+# The wgmma dK/dV kernel runs persistent by default: a grid of CTAs takes the
+# passes' key blocks in order from a counter, each CTA looping over many, with
+# the next block's K/V loaded while the last one finishes. Every block computes
+# what a CTA of its own computes, so the gradients must be bitwise those of
+# UNIGIST_SM90_PERSISTENT=0 with the blocks in their former order (every head's
+# block b, then b + 1: UNIGIST_SM90_DKDV_ORDER=heads). Grids of 1 and 3 CTAs make every CTA loop over
+# many blocks of both passes (and of several heads) even on these small inputs;
+# "sms" is the default grid, one CTA per SM, on a shape with more blocks than SMs.
+@pytest.mark.parametrize("case", CASES + [(3001, 3001, 0, 4, 256, 16)], ids=_case_id)
+@pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
+@pytest.mark.parametrize("grid", ["1", "3", "sms"])
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_persistent_dkdv_equals_one_cta_per_block(seed, monkeypatch, case, hkv, grid, tma):
+    _select_path("sm90x2", monkeypatch)
+    monkeypatch.setenv("UNIGIST_SM90_TMA", tma)
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    b, hq, d, dtype = 2, 4, 128, torch.bfloat16
+    if grid == "sms":
+        monkeypatch.delenv("UNIGIST_SM90_PERSISTENT_GRID", raising=False)
+    else:
+        monkeypatch.setenv("UNIGIST_SM90_PERSISTENT_GRID", grid)
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
+    dout = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+    got = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("UNIGIST_SM90_PERSISTENT", mode)
+        monkeypatch.setenv("UNIGIST_SM90_DKDV_ORDER", "heads" if mode == "0" else "blocks")
+        _poison_allocator(q.shape, k.shape, dtype=dtype)
+        got[mode] = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+        )
+    torch.cuda.synchronize()
+    for name, a, c in zip(("dq", "dk", "dv"), got["0"], got["1"]):
+        assert torch.equal(a, c), name
+    if 1 < nk and nq * nk <= 1500 * 1500:  # one key: dq = dk = 0, no relative error
+        _, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, off)
+        for name, g, want in zip(("dq", "dk", "dv"), got["1"], (rq, rk, rv)):
+            assert rel_err(g, want) < BWD_TOL[dtype], name
+
+
 @pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
 def test_hf_layout_backward_copies_nothing(seed, hkv):
     """HF hands attention transposed views of [B, N, H, D] projections. The

@@ -325,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
       layout::gists_before(Nk, gl) - layout::gists_before(std::min<int64_t>(l.num_sink, Nk), gl);
   at::Tensor dk_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
   at::Tensor dv_gist = at::empty({B, Hq, n_gist_rows, D}, f32);
+  at::Tensor work_counter = at::empty({2}, q.options().dtype(at::kInt));
 
   // What the kernels write: dq, dk, dv themselves, or contiguous stand-ins
   // copied into them afterwards (a layout the kernels cannot write, a group
@@ -354,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_attention_bwd_cuda(
   p.dk_gist = dk_gist.data_ptr<float>();
   p.dv_gist = dv_gist.data_ptr<float>();
   p.n_gist_rows = static_cast<int>(n_gist_rows);
+  p.work_counter = work_counter.data_ptr<int>();
   p.head_fast = 1;  // heads along x: launches every head's long sink/gist blocks first
 
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();

@@ -15,7 +15,8 @@ namespace cuda_detail {
 
 // Whether environment variable `name` is set to exactly `value`. The kernel-choice
 // switches (UNIGIST_FORCE_SM80, UNIGIST_CUDA_STRIDED, UNIGIST_SM90_*_CONSUMERS,
-// UNIGIST_CUDA_CONCURRENT_DQ, UNIGIST_SM90_TMA) are read through it on every call, so tests and A/B
+// UNIGIST_CUDA_CONCURRENT_DQ, UNIGIST_SM90_TMA, UNIGIST_SM90_PERSISTENT,
+// UNIGIST_SM90_DKDV_ORDER) are read through it on every call, so tests and A/B
 // runs can flip them in one process.
 inline bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);

@@ -44,6 +44,9 @@ struct AttnParams {
   float* dk_gist;   // backward: gist pass partials [B, Hq, n_gist_rows, D]
   float* dv_gist;
   int n_gist_rows;  // gists at or past num_sink
+  // backward: 2 ints, the wgmma dK/dV passes' item counters (zeroed by their
+  // launcher); nullptr: a CTA per item.
+  int* work_counter;
   int B, Hq, Hkv, group, Nq, Nk;
   int q_offset;
   int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
