@@ -17,7 +17,8 @@ time each CTA spends outside its main loop.
 Found (H200, 2026-12-03, NOTES v16): forward c_tile ~2.9 key blocks (7.9% of the
 32k r=4 forward), dQ ~3.6 (5.1%); the dK/dV dense pass ~20 us per block beyond its
 ~2.07 us steps, the gist pass at the step rate. A persistent dK/dV kernel hid the
-launch and K/V loads and gained only 1.0-1.3%: the rest is the consumers' ramp.
+launch and K/V loads: dense pass -7% at w1024, gist pass +1%, fwd+bwd -1.0-1.3%;
+the rest is the consumers' ramp.
 """
 
 import os
@@ -62,20 +63,46 @@ def graph_ms(fn):
     return do_bench(g.replay, warmup=100, rep=800, return_mode="median")
 
 
-def kernel_ms(fn, reps=20):
-    """Mean device time per call of each kernel name (profiler)."""
+def short_name(kernel):
+    return next((n for n in ("fwd", "dq", "dkdv", "delta") if n in kernel), kernel[:40])
+
+
+def launches_ms(fn, reps=10):
+    """Mean device time of each kernel launch of one call, in launch order (profiler)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "gist" in e.name),
+                key=lambda e: e.time_range.start)
+    per = len(ev) // reps
+    return [
+        (short_name(ev[i].name), sum(ev[r * per + i].time_range.elapsed_us() for r in range(reps)) / reps / 1e3)
+        for i in range(per)
+    ]
+
+
+def kernel_ms(fn):
+    """Device time per call of each kernel (launches of one kernel summed)."""
     out = {}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA and "gist" in e.key:
-            name = next((n for n in ("fwd", "dq", "dkdv", "delta") if n in e.key), e.key[:40])
-            out[name] = out.get(name, 0.0) + e.device_time_total / reps / 1e3
+    for name, ms in launches_ms(fn):
+        out[name] = out.get(name, 0.0) + ms
     return out
+
+
+def fwd_bwd(cfg):
+    """A forward+backward call on fresh [1, H, N, D] inputs, and its forward."""
+    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def fb():
+        for x in (q, k, v):
+            x.grad = None
+        unigist.gist_attention(q, k, v, cfg).backward(dout)
+
+    return fb, lambda: unigist.gist_attention(q, k, v, cfg)
 
 
 def main():
@@ -85,16 +112,7 @@ def main():
     print("| window | fwd ms (graph) | fwd+bwd ms (graph) | kernels ms (profiler) | fwd tiles, blocks / head | dq tiles, blocks / head |")
     print("|---|---|---|---|---|---|")
     for w in WINDOWS:
-        cfg = GistConfig(ratio=RATIO, window=w, num_sink=SINKS)
-        q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        dout = torch.randn_like(q)
-        fwd = lambda: unigist.gist_attention(q, k, v, cfg)
-
-        def fb():
-            for x in (q, k, v):
-                x.grad = None
-            unigist.gist_attention(q, k, v, cfg).backward(dout)
-
+        fb, fwd = fwd_bwd(GistConfig(ratio=RATIO, window=w, num_sink=SINKS))
         with torch.no_grad():
             t_f = graph_ms(fwd)
         t_fb = graph_ms(fb)
@@ -126,15 +144,7 @@ def main():
                 fit = (t * c_tile + b * c_block) * H / sms / 1e3
                 print(f"  window {r[0]}: measured {r[2][name]:.3f} ms, fit {fit:.3f}, CTA share {t * c_tile / (t * c_tile + b * c_block):.1%}")
     # The table's 32k row (ratio 4, window 1024, 128 sinks): the fit's CTA share there.
-    cfg = GistConfig(ratio=4, window=1024, num_sink=128)
-    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
-
-    def fb():
-        for x in (q, k, v):
-            x.grad = None
-        unigist.gist_attention(q, k, v, cfg).backward(dout)
-
+    fb, _ = fwd_bwd(GistConfig(ratio=4, window=1024, num_sink=128))
     ks = kernel_ms(fb)
     print("32k r=4 w1024 s128 kernels:", ", ".join(f"{a} {b:.3f} ms" for a, b in sorted(ks.items())))
     for name, (bm, bn) in (("fwd", (128, 128)), ("dq", (128, 64))):
@@ -146,39 +156,12 @@ def main():
                   f"CTA share {t * c_tile / (t * c_tile + b * c_block):.1%}")
 
 
-def launches_ms(fn, reps=10):
-    """Mean device time of each kernel launch of one call, in launch order (profiler)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "gist" in e.name),
-                key=lambda e: e.time_range.start)
-    per = len(ev) // reps
-    out = []
-    for i in range(per):
-        name = ev[i].name
-        short = "fwd" if "fwd" in name else "dq" if "dq" in name else "dkdv" if "dkdv" in name else "delta"
-        out.append((short, sum(ev[r * per + i].time_range.elapsed_us() for r in range(reps)) / reps / 1e3))
-    return out
-
-
 def dense_sweep():
     """The dK/dV launches (gist pass, dense pass) at the table's ratio 4 and 128 sinks."""
     print("| window | launches (ms, launch order) |")
     print("|---|---|")
     for w in (256, 512, 1024, 2048, 4096):
-        cfg = GistConfig(ratio=4, window=w, num_sink=128)
-        q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        dout = torch.randn_like(q)
-
-        def fb():
-            for x in (q, k, v):
-                x.grad = None
-            unigist.gist_attention(q, k, v, cfg).backward(dout)
-
+        fb, _ = fwd_bwd(GistConfig(ratio=4, window=w, num_sink=128))
         print(f"| {w} | " + ", ".join(f"{a} {b:.3f}" for a, b in launches_ms(fb)) + " |", flush=True)
 
 

@@ -129,7 +129,9 @@ struct DkdvItem {
   // The block of `item` (and its bh). order 0: heads fastest. order 1, dense
   // pass: the blocks holding sinks (which see every later query) heads fastest
   // first, then each head's other blocks in order, so the blocks resident
-  // together are neighbours that read mostly the same query steps.
+  // together are neighbours that read mostly the same query steps. Measured
+  // alone it changed nothing (NOTES v16); it is the order the persistent
+  // kernel was measured and verified with.
   static __device__ __forceinline__ int item_block(const AttnParams& p, int gist_pass, int item, int n_items, int bn,
                                                    int order, int& bh) {
     const int heads = p.B * p.Hq;
@@ -150,9 +152,10 @@ struct DkdvItem {
 // overlaps their last dV / dK GEMMs and the epilogue; its Q / dO steps stream
 // through the same ring. Else one CTA per item (gridDim.x = items). Why: a
 // window sweep (benchmarks/device/diag_cta_cost.py) put ~20 us per dense-pass
-// item outside its ~2 us steps; with persistence and the block order of
-// item_block, 32k fwd+bwd measured 1.0-1.3% faster (NOTES v16), so most of
-// that cost is the consumers' own ramp and drain, not launch or loads.
+// item outside its ~2 us steps; persistent, the dense pass runs 7% faster at
+// 32k w1024 (11% at w256) and the gist pass ~1% slower, 32k fwd+bwd 1.0-1.3%
+// faster (NOTES v16): most of that cost is the consumers' own ramp and drain
+// per block, not launch or loads.
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
     gist_attn_bwd_dkdv_sm90_kernel(const AttnParams p, const int gist_pass, const int n_items, const int order,
