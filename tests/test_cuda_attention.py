@@ -612,9 +612,10 @@ def test_tma_loads_equal_cp_async(seed, monkeypatch, capfd, case, d, layout, pat
 # the next block's K/V loaded while the last one finishes. Every block computes
 # what a CTA of its own computes, so the gradients must be bitwise those of
 # UNIGIST_SM90_PERSISTENT=0 with the blocks in their former order (every head's
-# block b, then b + 1: UNIGIST_SM90_DKDV_ORDER=heads). Grids of 1 and 3 CTAs make every CTA loop over
-# many blocks of both passes (and of several heads) even on these small inputs;
-# "sms" is the default grid, one CTA per SM, on a shape with more blocks than SMs.
+# block b, then b + 1: UNIGIST_SM90_DKDV_ORDER=heads). Grids of 1 and 3 CTAs
+# make every CTA loop over many blocks of both passes (and of several heads)
+# even on these small inputs; "sms" is the default grid, one CTA per SM, which
+# the 3001-row case (192 dense-pass blocks) fills.
 @pytest.mark.parametrize("case", CASES + [(3001, 3001, 0, 4, 256, 16)], ids=_case_id)
 @pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
 @pytest.mark.parametrize("grid", ["1", "3", "sms"])
