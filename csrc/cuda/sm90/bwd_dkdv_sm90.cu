@@ -13,8 +13,9 @@
 // tile t starts at q_offset + 64 t), so every pair is assigned to the same
 // pass, with the same per-element test, as in the mma.sync kernel.
 //
-// CTA = 3 warpgroups (warp-specialized as the wgmma forward / dQ):
-//   * warpgroup 0 (producer) gathers the block's K and V once (constant-stride
+// CTA = 3 warpgroups (warp-specialized as the wgmma forward / dQ), looping over
+// key blocks when persistent (the default; see the kernel):
+//   * warpgroup 0 (producer) gathers a block's K and V once (constant-stride
 //     gather_rows: consecutive keys or gists ratio + 1 apart, zero-filled past
 //     the end) and streams the query steps (Q and dO rows, lse and delta) through
 //     a ring of STAGES buffers completing on mbarriers: Q and dO as TMA boxes
