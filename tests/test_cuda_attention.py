@@ -607,8 +607,9 @@ def test_tma_loads_equal_cp_async(seed, monkeypatch, capfd, case, d, layout, pat
         assert torch.isfinite(g).all()
 
 
-# The wgmma dK/dV kernel runs persistent by default: a grid of CTAs takes the
-# passes' key blocks in order from a counter, each CTA looping over many, with
+# The wgmma dK/dV kernel's dense pass runs persistent by default (and its gist
+# pass too with UNIGIST_SM90_PERSISTENT=dense+gist): a grid of CTAs takes the
+# pass's key blocks in order from a counter, each CTA looping over many, with
 # the next block's K/V loaded while the last one finishes. Every block computes
 # what a CTA of its own computes, so the gradients must be bitwise those of
 # UNIGIST_SM90_PERSISTENT=0 with the blocks in their former order (every head's
@@ -635,7 +636,8 @@ def test_persistent_dkdv_equals_one_cta_per_block(seed, monkeypatch, case, hkv, 
     scale = 1.0 / math.sqrt(d)
     out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
     got = {}
-    for mode in ("0", "1"):
+    modes = ("0", "1", "dense+gist")  # none; the default (dense pass); both passes
+    for mode in modes:
         monkeypatch.setenv("UNIGIST_SM90_PERSISTENT", mode)
         monkeypatch.setenv("UNIGIST_SM90_DKDV_ORDER", "heads" if mode == "0" else "blocks")
         _poison_allocator(q.shape, k.shape, dtype=dtype)
@@ -643,8 +645,9 @@ def test_persistent_dkdv_equals_one_cta_per_block(seed, monkeypatch, case, hkv, 
             dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
         )
     torch.cuda.synchronize()
-    for name, a, c in zip(("dq", "dk", "dv"), got["0"], got["1"]):
-        assert torch.equal(a, c), name
+    for mode in modes[1:]:
+        for name, a, c in zip(("dq", "dk", "dv"), got["0"], got[mode]):
+            assert torch.equal(a, c), (mode, name)
     if 1 < nk and nq * nk <= 1500 * 1500:  # one key: dq = dk = 0, no relative error
         _, _, rq, rk, rv = _reference_grads(q, k, v, dout, cfg, off)
         for name, g, want in zip(("dq", "dk", "dv"), got["1"], (rq, rk, rv)):

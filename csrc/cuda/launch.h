@@ -15,13 +15,27 @@ namespace cuda_detail {
 
 // Whether environment variable `name` is set to exactly `value`. The kernel-choice
 // switches (UNIGIST_FORCE_SM80, UNIGIST_CUDA_STRIDED, UNIGIST_SM90_*_CONSUMERS,
-// UNIGIST_CUDA_CONCURRENT_DQ, UNIGIST_SM90_TMA, UNIGIST_SM90_PERSISTENT,
-// UNIGIST_SM90_DKDV_ORDER) are read through it on every call, so tests and A/B
-// runs can flip them in one process.
+// UNIGIST_CUDA_CONCURRENT_DQ, UNIGIST_SM90_TMA, UNIGIST_SM90_DKDV_ORDER; and
+// UNIGIST_SM90_PERSISTENT through sm90_persistent below) are read on every
+// call, so tests and A/B runs can flip them in one process.
 inline bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env != nullptr && std::strcmp(env, value) == 0;
 }
+
+// Which passes of the wgmma dK/dV kernel loop persistently over their key
+// blocks (a CTA per SM taking them from a counter) rather than launching a CTA
+// per block: "dense" and "gist". UNIGIST_SM90_PERSISTENT unset or "1": the
+// dense pass (NOTES v16-v17); "0": neither; else the passes it names, e.g.
+// "dense+gist" (v16's default; A/B runs).
+inline bool sm90_persistent(const char* pass) {
+  const char* env = std::getenv("UNIGIST_SM90_PERSISTENT");
+  if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(pass, "dense") == 0;
+  return std::strstr(env, pass) != nullptr;
+}
+// CTAs of a persistent grid: one per SM, or UNIGIST_SM90_PERSISTENT_GRID=n
+// (tests: a few CTAs take many items each even on small inputs).
+int sm90_persistent_ctas();
 
 // mma.sync kernels (fwd_sm80.cu, bwd_sm80.cu, cache_fwd_sm80.cu), built for
 // every arch of TORCH_CUDA_ARCH_LIST.

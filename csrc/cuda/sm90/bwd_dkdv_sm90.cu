@@ -181,38 +181,16 @@ __global__ void __launch_bounds__(384, 1)
   const RingBarriers<STAGES> bars{smem_u32(smem.next), maps.on ? 129 : 128};
   const uint32_t kv_full = bars.once();  // phase j: K, V of the CTA's j-th item
   const uint32_t kv_empty = bars.bar0 + 8 * (1 + 3 * STAGES);  // phase j: every consumer warp is done with them
-  auto sched_full = [&](int slot) { return kv_empty + 8 * (1 + slot); };
-  auto sched_empty = [&](int slot) { return kv_empty + 8 * (3 + slot); };
+  // Thread 0 takes the next item from the counter and hands it to every warp
+  // (sm90::WorkQueue: its mbarriers follow kv_empty).
+  WorkQueue queue{sched, kv_empty + 8, p.work_counter == nullptr ? nullptr : p.work_counter + gist_pass, 12};
   if (threadIdx.x == 0) {  // before warp_specialize's barrier init, fence and __syncthreads
     mbar_init(kv_empty, 8);
-    for (int slot = 0; slot < 2; ++slot) {
-      mbar_init(sched_full(slot), 1);
-      mbar_init(sched_empty(slot), 12);  // one arrival per warp
-    }
+    queue.init();
   }
   auto q_full = [&](int st) { return bars.full0(st); };
   auto do_full = [&](int st) { return bars.full1(st); };
-  int* const counter = p.work_counter == nullptr ? nullptr : p.work_counter + gist_pass;
-  // Thread 0 takes the next item from the counter (one ahead, so its latency
-  // hides) and hands it to every warp through sched[]; -1: no more.
-  int upcoming = 0;
-  if (threadIdx.x == 0 && counter != nullptr) upcoming = atomicAdd(counter, 1) + gridDim.x;
-  auto fetch = [&](int j) -> int {
-    if (j == 0) return blockIdx.x;
-    const int m = j - 1, slot = m & 1;
-    if (threadIdx.x == 0) {
-      if (m >= 2) mbar_wait(sched_empty(slot), ((m >> 1) - 1) & 1);
-      const int item = counter != nullptr && upcoming < n_items ? upcoming : -1;
-      if (item >= 0) upcoming = atomicAdd(counter, 1) + gridDim.x;
-      sched[slot] = item;
-      mbar_arrive(sched_full(slot));
-    }
-    mbar_wait(sched_full(slot), (m >> 1) & 1);
-    const int item = sched[slot];
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) mbar_arrive(sched_empty(slot));
-    return item;
-  };
+  auto fetch = [&](int j) { return queue.fetch(j, n_items); };
 
   const Layout32 l = p.l;
   const int n_steps = (p.Nq + BQ - 1) / BQ;
@@ -493,13 +471,7 @@ __global__ void __launch_bounds__(384, 1)
   warp_specialize<C::PRODUCER_REGS, C::CONSUMER_REGS>(bars, producer, consumer);
 }
 
-// The persistent loop (default; UNIGIST_SM90_PERSISTENT=0: a CTA per item, for
-// A/B runs). Read on every call, as the other switches.
-static bool dkdv_persistent() { return !env_is("UNIGIST_SM90_PERSISTENT", "0"); }
-
-// CTAs of the persistent grid: one per SM, or UNIGIST_SM90_PERSISTENT_GRID
-// (tests: a few CTAs take many items each even on small inputs).
-static int persistent_ctas() {
+int sm90_persistent_ctas() {
   if (const char* env = std::getenv("UNIGIST_SM90_PERSISTENT_GRID")) {
     const int n = std::atoi(env);
     if (n > 0) return n;
@@ -517,19 +489,25 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
   QdoTensorMaps maps;
   make_qdo_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BQ, maps);
-  const bool persistent = dkdv_persistent() && p.work_counter != nullptr;
-  if (persistent) C10_CUDA_CHECK(cudaMemsetAsync(p.work_counter, 0, 2 * sizeof(int), stream));
-  if (!persistent) p.work_counter = nullptr;
-  const int64_t ctas = persistent ? persistent_ctas() : 0;
+  // The dense pass persistent, the gist pass a CTA per block: its blocks are
+  // long (up to ~490 steps at 32k), the hardware's own block scheduling packs
+  // them as well, and persistent it ran 0.8-1.9% slower (NOTES v16); a CTA per
+  // gist block took 32k fwd+bwd 0.3-0.9% down, 4k-8k within +-0.7% (v17).
+  const bool persistent = sm90_persistent("dense") && p.work_counter != nullptr;
+  const bool persistent_gist = sm90_persistent("gist") && p.work_counter != nullptr;
+  if (persistent || persistent_gist) C10_CUDA_CHECK(cudaMemsetAsync(p.work_counter, 0, 2 * sizeof(int), stream));
+  const int64_t ctas = persistent || persistent_gist ? sm90_persistent_ctas() : 0;
   const int order = env_is("UNIGIST_SM90_DKDV_ORDER", "heads") ? 0 : 1;
   // Items heads-fastest: every head's heaviest blocks (the sink block of the
   // dense pass, the first gist blocks, which see almost every query) start first.
   auto launch = [&](int gist_pass, int64_t blocks) {
     const int64_t items = blocks * p.B * p.Hq;
     TORCH_CHECK(items < INT_MAX, "unigist: too many dK/dV blocks");
-    const int64_t grid = persistent ? std::min(items, ctas) : items;
-    kernel<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM, stream>>>(p, gist_pass, static_cast<int>(items), order,
-                                                                          maps);
+    AttnParams pass = p;
+    if (!(gist_pass ? persistent_gist : persistent)) pass.work_counter = nullptr;
+    const int64_t grid = pass.work_counter != nullptr ? std::min(items, ctas) : items;
+    kernel<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM, stream>>>(pass, gist_pass, static_cast<int>(items),
+                                                                          order, maps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The gist pass first: the dense pass adds its partials.

@@ -1,8 +1,8 @@
 // The warp-specialized skeleton of the three sm_90a kernels (forward, dQ,
 // dK/dV): the 1024-byte aligned shared-memory carve-up, the mbarrier ring, the
-// producer / consumer split with its register reallocation, the producer's
-// gather of row tiles and the query-tile kernels' K/V producer loop and
-// epilogue. A kernel brings its GEMMs and softmax; the rest is here once.
+// producer / consumer split with its register reallocation, the persistent
+// loop's work queue, the producer's gather of row tiles and the query-tile
+// kernels' K/V producer loop and epilogue. A kernel brings its GEMMs and softmax; the rest is here once.
 #pragma once
 
 #include <cstdint>
@@ -101,6 +101,50 @@ struct RingBarriers {  // 1 + 3 * STAGES barriers (the kernels' NBARS)
   // Producer: wait until every consumer warp released the stage's previous use.
   __device__ __forceinline__ void wait_empty(int it) const {
     if (it >= STAGES) mbar_wait(empty(it % STAGES), (it / STAGES - 1) & 1);
+  }
+};
+
+// Work items of a persistent CTA (the dK/dV kernel's key blocks). Its first
+// item is blockIdx.x; thread 0 takes the next ones from `counter` (zeroed by
+// the launcher; item = count + gridDim.x) one ahead, so the atomic's latency
+// hides, and hands each to every warp through two shared slots with full /
+// empty mbarriers. counter == nullptr: a CTA per item (gridDim.x =
+// items), and fetch(1) is -1 without a barrier round. Each thread holds its own
+// copy; `upcoming` is thread 0's.
+struct WorkQueue {
+  volatile int* slots;  // 2 ints of shared memory
+  uint32_t bar0;        // 4 mbarriers, 8 bytes each: full[2], empty[2]
+  int* counter;
+  int warps;            // warps of the CTA (each reads every item)
+  int upcoming = 0;
+  __device__ __forceinline__ uint32_t full(int slot) const { return bar0 + 8 * slot; }
+  __device__ __forceinline__ uint32_t empty(int slot) const { return bar0 + 8 * (2 + slot); }
+  // By thread 0 before warp_specialize (whose barrier init fences these).
+  __device__ __forceinline__ void init() {
+    for (int slot = 0; slot < 2; ++slot) {
+      mbar_init(full(slot), 1);
+      mbar_init(empty(slot), warps);
+    }
+    if (counter != nullptr) upcoming = atomicAdd(counter, 1) + static_cast<int>(gridDim.x);
+  }
+  // The CTA's j-th item, called by every thread for j = 0, 1, ... in turn; -1
+  // (or >= n_items): no more.
+  __device__ __forceinline__ int fetch(int j, int n_items) {
+    if (j == 0) return blockIdx.x;
+    if (counter == nullptr) return -1;
+    const int m = j - 1, slot = m & 1;
+    if (threadIdx.x == 0) {
+      if (m >= 2) mbar_wait(empty(slot), ((m >> 1) - 1) & 1);
+      const int item = upcoming < n_items ? upcoming : -1;
+      if (item >= 0) upcoming = atomicAdd(counter, 1) + static_cast<int>(gridDim.x);
+      slots[slot] = item;
+      mbar_arrive(full(slot));
+    }
+    mbar_wait(full(slot), (m >> 1) & 1);
+    const int item = slots[slot];
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(empty(slot));
+    return item;
   }
 };
 
