@@ -2,7 +2,8 @@
 // dK/dV): the 1024-byte aligned shared-memory carve-up, the mbarrier ring, the
 // producer / consumer split with its register reallocation, the persistent
 // loop's work queue, the producer's gather of row tiles and the query-tile
-// kernels' K/V producer loop and epilogue. A kernel brings its GEMMs and softmax; the rest is here once.
+// kernels' K/V producer loop and epilogue. A kernel brings its GEMMs and
+// softmax; the rest is here once.
 #pragma once
 
 #include <cstdint>
