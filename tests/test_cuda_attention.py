@@ -654,6 +654,42 @@ def test_persistent_dkdv_equals_one_cta_per_block(seed, monkeypatch, case, hkv, 
             assert rel_err(g, want) < BWD_TOL[dtype], name
 
 
+# UNIGIST_SM90_PINGPONG=fwd+dq: the wgmma forward's and dQ kernel's consumer
+# warpgroups take turns issuing their GEMMs (sm90::ConsumerTurns, named
+# barriers). Only the order in which the consumers issue changes, not what each
+# computes, so out, lse and dq must be bitwise those of free-running consumers
+# (a turn taken twice or never would hang or race instead).
+@pytest.mark.parametrize("case", CASES + [(3001, 3001, 0, 4, 256, 16)], ids=_case_id)
+@pytest.mark.parametrize("path_d", [("sm90x2", 64), ("sm90x2", 128), ("sm90x3", 64)], ids=lambda x: f"{x[0]}-d{x[1]}")
+def test_consumer_turns_equal_free_drift(seed, monkeypatch, case, path_d):
+    path, d = path_d
+    _select_path(path, monkeypatch)
+    nq, nk, off, r, w, s = case
+    cfg = GistConfig(ratio=r, window=w, num_sink=s)
+    b, hq, hkv, dtype = 2, 4, 2, torch.bfloat16
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
+    dout = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(d)
+    got = {}
+    for mode in ("0", "fwd+dq"):
+        monkeypatch.setenv("UNIGIST_SM90_PINGPONG", mode)
+        _poison_allocator(q.shape, k.shape, dtype=dtype)
+        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+        dq = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+        )[0]
+        got[mode] = (out, lse, dq)
+    torch.cuda.synchronize()
+    for name, a, c in zip(("out", "lse", "dq"), got["0"], got["fwd+dq"]):
+        assert torch.equal(a, c), name
+    if nq * nk <= 1500 * 1500:
+        ref = gist_attention_reference(q, k, v, cfg, q_offset=off)
+        assert rel_err(got["fwd+dq"][0], ref) < FWD_TOL[dtype]
+        if 1 < nk:  # one key: dq = 0, no relative error
+            rq = _reference_grads(q, k, v, dout, cfg, off)[2]
+            assert rel_err(got["fwd+dq"][2], rq) < BWD_TOL[dtype]
+
+
 @pytest.mark.parametrize("hkv", [4, 2], ids=["group1", "group2"])
 def test_hf_layout_backward_copies_nothing(seed, hkv):
     """HF hands attention transposed views of [B, N, H, D] projections. The

@@ -73,15 +73,16 @@ def test_cache_forward_matches_reference(seed, cfg, d, dtype):
         _check(q, k, v, cfg, kl, q_offset, TOL[dtype], (kl, nk, q_offset, nq, hq, hkv, seed))
 
 
-@pytest.mark.parametrize("path", ["sm90x2", "sm90x3", "sm80"])
+@pytest.mark.parametrize("path", ["sm90x2", "sm90x3", "sm90x2-turns", "sm90x3-turns", "sm80"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_prefill_chunks_filling_the_gpu(seed, monkeypatch, path, d):
     """Chunks with enough (query tile, head) pairs to fill the GPU (2 x 32 heads x >= 3
     tiles of up to 192 queries >= 132 SMs): on sm_90a the wgmma forward over the cache's
-    key blocks (at D=64 with 2 or 3 consumer warpgroups), else (and with
-    UNIGIST_FORCE_SM80=1) mma.sync."""
+    key blocks (at D=64 with 2 or 3 consumer warpgroups; "-turns": consumers taking
+    turns, UNIGIST_SM90_PINGPONG), else (and with UNIGIST_FORCE_SM80=1) mma.sync."""
     monkeypatch.setenv("UNIGIST_FORCE_SM80", "1" if path == "sm80" else "0")
-    monkeypatch.setenv("UNIGIST_SM90_FWD_CONSUMERS", "3" if path == "sm90x3" else "2")
+    monkeypatch.setenv("UNIGIST_SM90_FWD_CONSUMERS", "3" if path.startswith("sm90x3") else "2")
+    monkeypatch.setenv("UNIGIST_SM90_PINGPONG", "fwd" if path.endswith("-turns") else "0")
     rng = random.Random(seed)
     for cfg in (CONFIGS[2], CONFIGS[3], CONFIGS[1]):
         nq = rng.randint(400, 700)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call (H200): build this tree (sm_90a), `pytest -m cuda tests`, then rerun the
+# One device call (H200): build this tree (sm_90a), `pytest -m cuda tests`, compute-sanitizer
+# memcheck of the '|'-separated tests/cuda scripts in SMOKES (if set), then rerun the
 # SDPA-only rows of benchmarks/results/attention.md (no Flex columns: D=128 MHA at
 # N 4k/8k/32k r 4/8; D=64 32/8 heads at N 4k/8k, windows 1024 and 256, bhnd and HF layouts),
 # appended in place (bench_attention.py --append replaces the rows it measures).
@@ -22,6 +23,11 @@ echo "$(el) built"
 timeout "${PYTEST_S:-220}" python3 -m pytest -m cuda tests -q -x -p no:cacheprovider > "$L/pytest.log" 2>&1
 echo "$(el) pytest -m cuda tests: rc=$? $(grep -E "passed|failed|error" "$L/pytest.log" | tail -1)"
 grep -E "^FAILED|^ERROR" "$L/pytest.log" | cut -c1-200 | head -5
+IFS='|' read -ra SMOKES <<< "${SMOKES:-}"  # e.g. SMOKES="smoke_fwd.py|smoke_cache.py": memcheck each
+for smoke in "${SMOKES[@]}"; do
+  timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/$smoke > "$L/memcheck_${smoke%%.py*}.log" 2>&1
+  echo "$(el) memcheck $smoke: rc=$? $(grep -E "ERROR SUMMARY" "$L/memcheck_${smoke%%.py*}.log" | tail -1)"
+done
 row() {
   [ $(($(date +%s) - T0)) -gt "${DEADLINE:-480}" ] && { echo "$(el) past DEADLINE: skipped $*"; return; }
   timeout 150 python3 benchmarks/bench_attention.py --no-flex --append "$@" >> "$L/bench.log" 2>&1

@@ -16,8 +16,8 @@ namespace cuda_detail {
 // Whether environment variable `name` is set to exactly `value`. The kernel-choice
 // switches (UNIGIST_FORCE_SM80, UNIGIST_CUDA_STRIDED, UNIGIST_SM90_*_CONSUMERS,
 // UNIGIST_CUDA_CONCURRENT_DQ, UNIGIST_SM90_TMA, UNIGIST_SM90_DKDV_ORDER; and
-// UNIGIST_SM90_PERSISTENT through sm90_persistent below) are read on every
-// call, so tests and A/B runs can flip them in one process.
+// UNIGIST_SM90_PERSISTENT, UNIGIST_SM90_PINGPONG through the functions below)
+// are read on every call, so tests and A/B runs can flip them in one process.
 inline bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env != nullptr && std::strcmp(env, value) == 0;
@@ -32,6 +32,16 @@ inline bool sm90_persistent(const char* pass) {
   const char* env = std::getenv("UNIGIST_SM90_PERSISTENT");
   if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(pass, "dense") == 0;
   return std::strstr(env, pass) != nullptr;
+}
+// Whether the wgmma `kernel` ("fwd", "dq") runs its consumer warpgroups in
+// turns (sm90::ConsumerTurns, FlashAttention-3's ping-pong). UNIGIST_SM90_PINGPONG
+// unset or "1": the forward only (H200: forward 2-3% faster at 4k-8k, 32k
+// unchanged; the dQ kernel 1-3% slower at D=64; NOTES v18); "0": neither; else
+// the kernels it names, e.g. "fwd+dq" (A/B runs).
+inline bool sm90_pingpong(const char* kernel) {
+  const char* env = std::getenv("UNIGIST_SM90_PINGPONG");
+  if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(kernel, "fwd") == 0;
+  return std::strstr(env, kernel) != nullptr;
 }
 // CTAs of a persistent grid: one per SM, or UNIGIST_SM90_PERSISTENT_GRID=n
 // (tests: a few CTAs take many items each even on small inputs).

@@ -50,6 +50,7 @@ struct AttnParams {
   int B, Hq, Hkv, group, Nq, Nk;
   int q_offset;
   int head_fast;  // grid order: 1 = heads along x (used), 0 = tiles along x
+  int pingpong;   // wgmma forward / dQ: consumers take turns issuing GEMMs (sm90::ConsumerTurns)
   Layout32 l;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)

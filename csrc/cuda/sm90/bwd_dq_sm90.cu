@@ -176,10 +176,14 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
       for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(dsf[kk], s, kk);
     };
 
+    const ConsumerTurns<CONSUMERS> turns{wg, p.pingpong != 0};
     mbar_wait(q_full, 0);
     load_a_frags<BM, KS>(qf, sQ, wg * 64 + warp * 16, lane);
     if (nblocks > 0) {
+      turns.begin();
+      turns.wait();
       issue_sdp(0);
+      turns.pass();
       wgmma_wait<0>();
       reg_fence(s);
       reg_fence(dp);
@@ -187,8 +191,10 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
       compute_ds();
       pack_ds();
       for (int it = 1; it < nblocks; ++it) {
+        turns.wait();
         issue_sdp(it);
         issue_dq(it - 1);
+        turns.pass();
         wgmma_wait<2>();  // S of block it; its dP and dQ of block it - 1 still running
         reg_fence(s);
         compute_p(it);
@@ -202,7 +208,9 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
         bars.release(it - 1, lane);
         pack_ds();
       }
+      turns.wait();
       issue_dq(nblocks - 1);
+      turns.pass_last();
       wgmma_wait<0>();
       reg_fence(dq);
       bars.release(nblocks - 1, lane);
@@ -229,6 +237,7 @@ void launch_bwd_dq_sm90_t(AttnParams p, cudaStream_t stream) {
   const dim3 grid = grid_of(p, (p.Nq + C::BM - 1) / C::BM);
   KvTensorMaps maps;
   make_kv_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BN, maps);
+  p.pingpong = sm90_pingpong("dq");
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -12,16 +12,17 @@
 //     copies complete on mbarriers, so no CTA-wide __syncthreads sits in the
 //     loop.
 //   * the consumer warpgroups own 64 query rows each (BM = 64 x consumers) and
-//     run S = Q K^T (A and B from shared memory) and O += P V (P from
-//     registers, V read MN-major), with the online softmax in registers (a
+//     run S = Q K^T (Q from registers with two consumers, from shared memory
+//     with three; K from shared memory) and O += P V (P from registers, V read
+//     MN-major), with the online softmax in registers (a
 //     lazy running max: O is rescaled only when a row's max grows by more
 //     than 2^8; the eager max, measured 2.4% slower, is
 //     benchmarks/experiments/sm90_fwd_eager_max.patch). The
 //     S GEMM of block j+1 and the P V GEMM of block j are in flight while
-//     the softmax of block j+1 runs, and the two consumers drift freely, so
-//     one's softmax overlaps the other's GEMMs (FlashAttention-3's named-barrier
-//     ping-pong between them measured within noise: 
-//     benchmarks/experiments/sm90_pingpong.patch).
+//     the softmax of block j+1 runs, and the consumers take turns issuing
+//     their GEMMs (sm90::ConsumerTurns, FlashAttention-3's ping-pong), so one's
+//     softmax runs under the others' GEMMs: 2-3% faster at 4k-8k than free
+//     drift, 32k unchanged (NOTES v18; UNIGIST_SM90_PINGPONG=0 turns it off).
 // The same kernel runs gist_attention_cache_fwd's prefill chunks over the
 // compressed-cache key layout (kCache: CacheBlocks instead of KeyBlocks).
 #include <c10/cuda/CUDAException.h>
@@ -131,12 +132,23 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
     uint32_t pf[BN / 16][4];
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
 
+    // Q as the S GEMM's A operand from registers (RS) rather than shared memory
+    // (SS): a third less shared-memory reading per S GEMM (the SS m64n128k16 reads
+    // 6 KB per 64 tensor-core cycles, with P V's 4 KB and the TMA writes ~85% of
+    // the SM's 128 B/clock): 32k forward 2% faster (NOTES v18). Its 32 registers
+    // do not fit beside three consumers' 160 (ptxas serializes every wgmma).
+    constexpr bool kQRegs = CONSUMERS == 2;
+    uint32_t qf[kQRegs ? KS : 1][4];
     auto issue_qk = [&](int it) {
       const int st = it % STAGES;
       bars.wait_full0(it);
       fence_proxy_async();
       wgmma_fence();
-      wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
+      if constexpr (kQRegs) {
+        wgmma_rs_kmajor<KS, BN>(s, qf, k_addr + st * C::KV_BYTES, T{});
+      } else {
+        wgmma_ss_kmajor<KS, BM, BN>(s, q_addr, k_addr + st * C::KV_BYTES, T{});
+      }
       wgmma_commit();
     };
     auto issue_pv = [&](int it) {
@@ -162,17 +174,24 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
       for (int kk = 0; kk < BN / 16; ++kk) pack_p<T>(pf[kk], s, kk);
     };
 
+    const ConsumerTurns<CONSUMERS> turns{wg, p.pingpong != 0};
     mbar_wait(q_full, 0);
+    if constexpr (kQRegs) load_a_frags<BM, KS>(qf, sQ, wg * 64 + warp * 16, lane);
     if (nblocks > 0) {
       float alpha[2];
+      turns.begin();
+      turns.wait();
       issue_qk(0);
+      turns.pass();
       wgmma_wait<0>();
       reg_fence(s);
       softmax(0, alpha);  // O is still zero: alpha not needed
       pack_all();
       for (int it = 1; it < nblocks; ++it) {
+        turns.wait();
         issue_qk(it);
         issue_pv(it - 1);
+        turns.pass();
         wgmma_wait<1>();  // S of block it; P V of block it - 1 still running
         reg_fence(s);
         const bool rescale = softmax(it, alpha);
@@ -183,7 +202,9 @@ __global__ void __launch_bounds__(sm90::threads_for(CONSUMERS), 1)
         if (rescale) scale_rows(o, alpha);
         pack_all();
       }
+      turns.wait();
       issue_pv(nblocks - 1);
+      turns.pass_last();
       wgmma_wait<0>();
       reg_fence(o);
       bars.release(nblocks - 1, lane);
@@ -208,7 +229,9 @@ void launch_fwd_sm90_t(const AttnParams& p, cudaStream_t stream) {
   KvTensorMaps maps;
   maps.on = 0;
   if constexpr (!kCache) make_kv_tensor_maps(p, std::is_same<T, __nv_bfloat16>::value, D, C::BN, maps);
-  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p, maps);
+  AttnParams pk = p;
+  pk.pingpong = sm90_pingpong("fwd");
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(pk, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,9 +1,9 @@
 // The warp-specialized skeleton of the three sm_90a kernels (forward, dQ,
 // dK/dV): the 1024-byte aligned shared-memory carve-up, the mbarrier ring, the
 // producer / consumer split with its register reallocation, the persistent
-// loop's work queue, the producer's gather of row tiles and the query-tile
-// kernels' K/V producer loop and epilogue. A kernel brings its GEMMs and
-// softmax; the rest is here once.
+// loop's work queue, the consumers' turns (ping-pong), the producer's gather
+// of row tiles and the query-tile kernels' K/V producer loop and epilogue. A
+// kernel brings its GEMMs and softmax; the rest is here once.
 #pragma once
 
 #include <cstdint>
@@ -168,6 +168,40 @@ __device__ __forceinline__ void warp_specialize(const Bars& bars, const Producer
              static_cast<int>(threadIdx.x & 31));
   }
 }
+
+// FlashAttention-3's ping-pong, for the query-tile kernels (forward, dQ): the
+// consumer warpgroups take turns issuing their GEMMs, in the ring 0, 1, ...,
+// CONSUMERS - 1, 0, ... Named barrier 1 + wg is consumer wg's turn: its 128
+// threads wait there (wait), the previous consumer's 128 arrive (pass). Free
+// drift lets the consumers fall into step (they wait on the same K/V stage), so
+// their GEMMs queue together and then their softmaxes leave the tensor cores
+// idle together; taking turns keeps one consumer's softmax under the others'
+// GEMMs. Every consumer takes the same number of turns per tile: begin() before
+// the first, pass_last() after the last (the ring's last consumer does not
+// hand on, so no arrival is left pending). on == false: no-ops.
+template <int CONSUMERS>
+struct ConsumerTurns {
+  static_assert(CONSUMERS >= 2 && CONSUMERS <= 3, "named barriers 1..CONSUMERS");
+  int wg;
+  bool on;
+  __device__ __forceinline__ void begin() const {
+    if (on && wg == CONSUMERS - 1) arrive_next();
+  }
+  __device__ __forceinline__ void wait() const {
+    if (on) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  }
+  __device__ __forceinline__ void pass() const {
+    if (on) arrive_next();
+  }
+  __device__ __forceinline__ void pass_last() const {
+    if (on && wg != CONSUMERS - 1) arrive_next();
+  }
+
+ private:
+  __device__ __forceinline__ void arrive_next() const {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (wg + 1) % CONSUMERS) : "memory");
+  }
+};
 
 // Producer loop of the query-tile kernels (forward, dQ): the tile's key blocks
 // (cuda_detail::KeyBlocks, or CacheBlocks over a compressed cache) of K and V
