@@ -313,6 +313,23 @@ def _poison_allocator(*shapes, dtype):
     del junk
 
 
+def _ops_per_setting(monkeypatch, var, modes, q, k, v, dout, cfg, scale, off):
+    """{mode: (out, lse, dq, dk, dv)} of the forward and backward ops with environment
+    variable `var` (a kernel-choice switch) set to each mode, each on a NaN-poisoned
+    allocator."""
+    got = {}
+    for mode in modes:
+        monkeypatch.setenv(var, mode)
+        _poison_allocator(q.shape, k.shape, dtype=q.dtype)
+        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
+        grads = torch.ops.unigist.gist_attention_bwd(
+            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
+        )
+        got[mode] = (out, lse, *grads)
+    torch.cuda.synchronize()
+    return got
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -535,15 +552,7 @@ def test_strided_inputs_read_in_place(seed, fwd_path, monkeypatch, d, dtype, lay
         v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype)
         dout = torch.randn(b, hq, n, d, device=dev, dtype=dtype)
     scale = 1.0 / math.sqrt(d)
-    got = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("UNIGIST_CUDA_STRIDED", mode)
-        _poison_allocator(q.shape, k.shape, dtype=dtype)
-        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
-        dq, dk, dv = torch.ops.unigist.gist_attention_bwd(
-            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
-        )
-        got[mode] = (out, lse, dq, dk, dv)
+    got = _ops_per_setting(monkeypatch, "UNIGIST_CUDA_STRIDED", ("0", "1"), q, k, v, dout, cfg, scale, off)
     for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), got["0"], got["1"]):
         assert torch.equal(a, c), name
     # As the fake kernel's outputs: out and lse contiguous, the gradients laid
@@ -588,16 +597,7 @@ def test_tma_loads_equal_cp_async(seed, monkeypatch, capfd, case, d, layout, pat
 
             q, k, v, dout = (narrowed(t) for t in (q, k, v, dout))
     scale = 1.0 / math.sqrt(d)
-    got = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("UNIGIST_SM90_TMA", mode)
-        _poison_allocator(q.shape, dtype=dtype)
-        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
-        grads = torch.ops.unigist.gist_attention_bwd(
-            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
-        )
-        got[mode] = (out, lse, *grads)
-    torch.cuda.synchronize()
+    got = _ops_per_setting(monkeypatch, "UNIGIST_SM90_TMA", ("0", "1"), q, k, v, dout, cfg, scale, off)
     for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), got["0"], got["1"]):
         assert torch.equal(a, c), name
     assert "cuTensorMapEncodeTiled failed" not in capfd.readouterr().err
@@ -657,8 +657,8 @@ def test_persistent_dkdv_equals_one_cta_per_block(seed, monkeypatch, case, hkv, 
 # UNIGIST_SM90_PINGPONG=fwd+dq: the wgmma forward's and dQ kernel's consumer
 # warpgroups take turns issuing their GEMMs (sm90::ConsumerTurns, named
 # barriers). Only the order in which the consumers issue changes, not what each
-# computes, so out, lse and dq must be bitwise those of free-running consumers
-# (a turn taken twice or never would hang or race instead).
+# computes, so out, lse and the gradients must be bitwise those of free-running
+# consumers (a turn taken twice or never would hang or race instead).
 @pytest.mark.parametrize("case", CASES + [(3001, 3001, 0, 4, 256, 16)], ids=_case_id)
 @pytest.mark.parametrize("path_d", [("sm90x2", 64), ("sm90x2", 128), ("sm90x3", 64)], ids=lambda x: f"{x[0]}-d{x[1]}")
 def test_consumer_turns_equal_free_drift(seed, monkeypatch, case, path_d):
@@ -670,23 +670,13 @@ def test_consumer_turns_equal_free_drift(seed, monkeypatch, case, path_d):
     q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
     dout = torch.randn_like(q)
     scale = 1.0 / math.sqrt(d)
-    got = {}
-    for mode in ("0", "fwd+dq"):
-        monkeypatch.setenv("UNIGIST_SM90_PINGPONG", mode)
-        _poison_allocator(q.shape, k.shape, dtype=dtype)
-        out, lse = torch.ops.unigist.gist_attention_fwd(q, k, v, cfg.ratio, cfg.window, cfg.num_sink, scale, off)
-        dq = torch.ops.unigist.gist_attention_bwd(
-            dout, q, k, v, out, lse, cfg.ratio, cfg.window, cfg.num_sink, scale, off
-        )[0]
-        got[mode] = (out, lse, dq)
-    torch.cuda.synchronize()
-    for name, a, c in zip(("out", "lse", "dq"), got["0"], got["fwd+dq"]):
+    got = _ops_per_setting(monkeypatch, "UNIGIST_SM90_PINGPONG", ("0", "fwd+dq"), q, k, v, dout, cfg, scale, off)
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), got["0"], got["fwd+dq"]):
         assert torch.equal(a, c), name
     if nq * nk <= 1500 * 1500:
-        ref = gist_attention_reference(q, k, v, cfg, q_offset=off)
+        ref, _, rq, _, _ = _reference_grads(q, k, v, dout, cfg, off)
         assert rel_err(got["fwd+dq"][0], ref) < FWD_TOL[dtype]
         if 1 < nk:  # one key: dq = 0, no relative error
-            rq = _reference_grads(q, k, v, dout, cfg, off)[2]
             assert rel_err(got["fwd+dq"][2], rq) < BWD_TOL[dtype]
 
 
