@@ -26,9 +26,9 @@ import os
 os.environ["UNIGIST_CUDA_CONCURRENT_DQ"] = "0"
 
 import torch
-from triton.testing import do_bench
 
 import unigist
+from graph_timing import graph_replay_ms  # this script's folder
 from unigist import GistConfig
 
 N, H, D, RATIO, SINKS = 32768, 32, 128, 64, 0
@@ -48,19 +48,6 @@ def blocks_of(n, window, bm, bn, ratio=RATIO, sinks=SINKS):
         blocks += -(-sink_end // bn) + -(-(g1 - g0) // bn) + -(-(key_end - local_lo) // bn)
         tiles += 1
     return tiles, blocks
-
-
-def graph_ms(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=100, rep=800, return_mode="median")
 
 
 def short_name(kernel):
@@ -114,8 +101,8 @@ def main():
     for w in WINDOWS:
         fb, fwd = fwd_bwd(GistConfig(ratio=RATIO, window=w, num_sink=SINKS))
         with torch.no_grad():
-            t_f = graph_ms(fwd)
-        t_fb = graph_ms(fb)
+            t_f = graph_replay_ms(fwd)
+        t_fb = graph_replay_ms(fb)
         ks = kernel_ms(fb)
         ft = blocks_of(N, w, 128, 128)
         dt = blocks_of(N, w, 128, 64)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import unigist
+from graph_timing import graph_replay_ms  # this script's folder
 from unigist import GistConfig
 
 
@@ -45,23 +46,6 @@ def host_ms(fn, calls=10):
     dt = (time.perf_counter() - t0) / calls * 1e3
     torch.cuda.synchronize()
     return dt
-
-
-def graph_ms(fn, leaves):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            for x in leaves:
-                x.grad = None
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    for x in leaves:
-        x.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=100, rep=500, return_mode="median")
 
 
 def main():
@@ -89,7 +73,7 @@ def main():
             for rnd in range(2):
                 eager = do_bench(fn, warmup=250, rep=1500, grad_to_none=leaves, return_mode="median")
                 host = host_ms(fn)
-                gpu = graph_ms(fn, leaves)
+                gpu = graph_replay_ms(fn, rep=500, grad_to_none=leaves)
                 print(
                     f"| {layout} | {hq}/{hkv} | {d} | {w} | {n} | {name} (round {rnd + 1}) | {eager:.3f} | {gpu:.3f} | "
                     f"{host:.3f} | {eager / gpu:.2f} |",
