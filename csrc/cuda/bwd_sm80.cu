@@ -10,9 +10,10 @@
 //      partials of those gist rows (dk_gist / dv_gist, packed by gist index).
 //   4. dK/dV dense pass (same stream, after 3): key-block outer over aligned
 //      blocks of 64 keys; loops over the query tiles whose dense part
-//      (layout::in_dense_part) holds some of its pairs; adds the gist rows'
-//      partials and writes every key: dk / dv in the input dtype when each key
-//      head has one query head, else fp32 per-query-head dK/dV.
+//      (layout::in_dense_part) holds some of its pairs; starts the gist rows'
+//      accumulators from their partials and writes every key: dk / dv in the
+//      input dtype when each key head has one query head, else fp32
+//      per-query-head dK/dV.
 //      On Hopper (use_sm90) 3. and 4. are the wgmma kernel of
 //      sm90/bwd_dkdv_sm90.cu (128-key blocks, same pair partition).
 //   5. GQA only: sum the fp32 dK/dV over each group, convert to the input dtype.
@@ -243,7 +244,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dq_kernel(const Att
 // ---------------------------------------------------------------------------
 // 3./4. dK/dV kernel. gist_pass == 1 (launched first): packed gist blocks,
 // writing the gist rows' partials; gist_pass == 0: dense pass over aligned key
-// blocks, adding them (store_dkdv_rows).
+// blocks, whose accumulators start from them (load_gist_partials).
 template <int D>
 constexpr int dkv_bq() {
   return D == 128 ? 32 : 64;  // query rows per inner step (divides kQTile)
@@ -354,6 +355,7 @@ __global__ void __launch_bounds__(kBwdThreads) gist_attn_bwd_dkdv_kernel(const A
   }
   const int krow0 = warp * 16 + (lane >> 2);
   const int kp_row[2] = {kpos(krow0), kpos(krow0 + 8)};
+  if (!gist_pass) load_gist_partials<DT>(p, bh, kp_row, dk, dv, lane);
 
   for (int st = st_begin; st < st_end; ++st) {
     const int stage = (st - st_begin) & 1;

@@ -11,15 +11,56 @@
 namespace unigist {
 namespace cuda_detail {
 
+// Offset (floats) of key row kp's gist-pass partial in dk_gist / dv_gist, at
+// column `col`; -1 when kp is not a gist row past the sinks (no partial). The
+// partials are per query head (bh = b * Hq + h), packed by gist index.
+template <int D>
+__device__ __forceinline__ int64_t gist_partial_offset(const AttnParams& p, int bh, int kp, int col) {
+  if (kp < 0 || kp < p.l.num_sink || !p.l.is_gist(kp)) return -1;
+  const int g0 = p.l.gists_before(min(p.l.num_sink, p.Nk));
+  return (static_cast<int64_t>(bh) * p.n_gist_rows + (p.l.gists_before(kp) - g0)) * D + col;
+}
+
+// The dense pass starts a block's dK / dV accumulators from the gist pass's
+// partials of its gist rows (zeros elsewhere), so that its epilogue only
+// stores. Added in the epilogue instead, the loads sat between the stores of
+// dk / dv, which the compiler cannot tell from the partials, so each waited a
+// full round trip to memory: 2 DT serial trips per row; loaded all before
+// the stores, they held registers the wgmma kernel does not have (ptxas
+// spilled). Here they land in the accumulators themselves, and their latency
+// runs under the block's first GEMMs (4k fwd+bwd 5-6% faster, NOTES v19).
+// The partials are the unscaled dK sums, so dK = scale * (partial + dense
+// part) as before.
+template <int DT>
+__device__ __forceinline__ void load_gist_partials(const AttnParams& p, int bh, const int (&kp_row)[2],
+                                                   float (&dk)[DT][4], float (&dv)[DT][4], int lane) {
+  constexpr int D = DT * 8;
+  const int col = 2 * (lane & 3);
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t off = gist_partial_offset<D>(p, bh, kp_row[hr], col);
+    if (off < 0) continue;
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      const float2 k0 = __ldg(reinterpret_cast<const float2*>(p.dk_gist + off + i * 8));
+      const float2 v0 = __ldg(reinterpret_cast<const float2*>(p.dv_gist + off + i * 8));
+      dk[i][2 * hr] = k0.x;
+      dk[i][2 * hr + 1] = k0.y;
+      dv[i][2 * hr] = v0.x;
+      dv[i][2 * hr + 1] = v0.y;
+    }
+  }
+}
+
 // Epilogue of the dK/dV kernels (mma.sync and wgmma): a thread's key rows
 // kp_row[0..1] (-1: none), from fragments in the m16n8 accumulator layout (row
-// lane / 4 in [.][0..1], + 8 in [.][2..3]); dK is scaled by softmax_scale.
-// The gist pass runs first and writes the fp32 partial of each gist row past
-// the sinks, per query head (bh = b * Hq + h), packed by gist index (1/(ratio+1)
-// of the keys' memory). The dense pass adds it and writes the final rows: in
-// the input dtype when a key head has one query head (no group sum, no fp32
-// copy of dK and dV; dk / dv through their strides), else fp32 per query head
-// for reduce_group_kernel.
+// lane / 4 in [.][0..1], + 8 in [.][2..3]). The gist pass runs first and
+// writes each gist row's fp32 partial (gist_partial_offset; dK unscaled); the
+// dense pass, whose accumulators started from those partials
+// (load_gist_partials), writes the final rows, dK times softmax_scale: in the
+// input dtype when a key head has one query head (no group sum, no fp32 copy
+// of dK and dV; dk / dv through their strides), else fp32 per query head for
+// reduce_group_kernel.
 template <typename T, int DT>
 __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, const int (&kp_row)[2],
                                                 const float (&dk)[DT][4], const float (&dv)[DT][4], int lane,
@@ -27,14 +68,20 @@ __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, con
   using TT = TypeTraits<T>;
   constexpr int D = DT * 8;
   const int col = 2 * (lane & 3);
-  const int g0 = p.l.gists_before(min(p.l.num_sink, p.Nk));
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int kp = kp_row[hr];
     if (kp < 0) continue;
-    const bool gist_row = kp >= p.l.num_sink && p.l.is_gist(kp);
-    const int64_t gist_off =
-        gist_row ? (static_cast<int64_t>(bh) * p.n_gist_rows + (p.l.gists_before(kp) - g0)) * D + col : 0;
+    if (gist_pass) {
+      const int64_t off = gist_partial_offset<D>(p, bh, kp, col);
+      if (off < 0) continue;  // (every key of the gist pass is a gist past the sinks)
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        *reinterpret_cast<float2*>(p.dk_gist + off + i * 8) = make_float2(dk[i][2 * hr], dk[i][2 * hr + 1]);
+        *reinterpret_cast<float2*>(p.dv_gist + off + i * 8) = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
+      }
+      continue;
+    }
     const int64_t row_off = (static_cast<int64_t>(bh) * p.Nk + kp) * D + col;  // in dk_acc, dv_acc
     // In dk, dv (written at group 1, where bh = b * Hkv + key head).
     const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
@@ -42,22 +89,8 @@ __device__ __forceinline__ void store_dkdv_rows(const AttnParams& p, int bh, con
     const int64_t dv_off = b * p.dv_sb + hk * p.dv_sh + static_cast<int64_t>(kp) * p.dkv_sn + col;
 #pragma unroll
     for (int i = 0; i < DT; ++i) {
-      float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
-      float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
-      float2* gk = reinterpret_cast<float2*>(p.dk_gist + gist_off + i * 8);
-      float2* gv = reinterpret_cast<float2*>(p.dv_gist + gist_off + i * 8);
-      if (gist_pass) {
-        *gk = k2;
-        *gv = v2;
-        continue;
-      }
-      if (gist_row) {
-        const float2 k0 = *gk, v0 = *gv;
-        k2.x += k0.x;
-        k2.y += k0.y;
-        v2.x += v0.x;
-        v2.y += v0.y;
-      }
+      const float2 k2 = make_float2(dk[i][2 * hr] * p.scale, dk[i][2 * hr + 1] * p.scale);
+      const float2 v2 = make_float2(dv[i][2 * hr], dv[i][2 * hr + 1]);
       if (p.group == 1) {
         reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + dk_off + i * 8)[0] = TT::pack(k2.x, k2.y);
         reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + dv_off + i * 8)[0] = TT::pack(v2.x, v2.y);

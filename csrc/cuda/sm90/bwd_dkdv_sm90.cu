@@ -7,7 +7,8 @@
 //     them (q_lo >= position + window); writes the gist rows' fp32 partials.
 //   dense pass (gist_pass 0): aligned blocks of BN keys; query tiles whose
 //     dense part (layout::in_dense_part) holds some of the block's pairs;
-//     adds the partials and writes every key row of the block
+//     starts the gist rows' accumulators from the partials
+//     (load_gist_partials) and writes every key row of the block
 //     (store_dkdv_rows: dk / dv directly at group 1, else dk_acc / dv_acc).
 // A query step is one 64-row query tile of the forward partition (kQTile,
 // tile t starts at q_offset + 64 t), so every pair is assigned to the same
@@ -289,12 +290,21 @@ __global__ void __launch_bounds__(384, 1)
       bars.wait_full1(base + it);
       bars.release(base + it, lane);
     };
+    // K's and V's descriptors are the same at every step, so the compiler
+    // hoisted all 2 KS of them (64-bit each) out of the step loop and, short
+    // of registers, spilled them: every S^T and dP^T GEMM waited on KS local
+    // loads (ncu of the dense pass: R2UR on those loads, ~13% of the stall
+    // samples; NOTES v19). An opaque copy of the base address per GEMM makes
+    // them a few integer ops each instead (32k fwd+bwd -9.6%). D = 64 keeps
+    // them hoisted: its step loop does not spill, so recomputing them would
+    // only add instructions.
+    auto kv_base = [](uint32_t addr) { return D > 64 ? opaque(addr) : addr; };
     auto issue_s = [&](int it) {
       const int st = (base + it) % STAGES;
       bars.wait_full0(base + it);
       fence_proxy_async();
       wgmma_fence();
-      wgmma_ss_kmajor<KS, BN, BQ>(s, k_addr, q_addr + st * C::Q_BYTES, T{});
+      wgmma_ss_kmajor<KS, BN, BQ>(s, kv_base(k_addr), q_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     auto issue_dp = [&](int it) {
@@ -302,7 +312,7 @@ __global__ void __launch_bounds__(384, 1)
       bars.wait_full1(base + it);
       fence_proxy_async();
       wgmma_fence();
-      wgmma_ss_kmajor<KS, BN, BQ>(dp, v_addr, do_addr + st * C::Q_BYTES, T{});
+      wgmma_ss_kmajor<KS, BN, BQ>(dp, kv_base(v_addr), do_addr + st * C::Q_BYTES, T{});
       wgmma_commit();
     };
     // dV += P^T dO and dK += dS^T Q: the query rows of dO / Q are these GEMMs'
@@ -405,6 +415,8 @@ __global__ void __launch_bounds__(384, 1)
       const int n_it = w.n_it;
       kp_row[0] = w.keys.pos(wg * 64 + r0);
       kp_row[1] = w.keys.pos(wg * 64 + r0 + 8);
+      // dk and dv are zero here (before the first item, and after each epilogue).
+      if (!gist_pass) load_gist_partials<DT>(p, w.bh, kp_row, dk, dv, lane);
       // This consumer's keys and its active iterations [ia, ib) (a contiguous
       // part of the item's: the step ranges are nested). Outside them it only
       // waits for each stage and hands it back.

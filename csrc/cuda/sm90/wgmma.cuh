@@ -123,6 +123,13 @@ __device__ __forceinline__ void reg_fence(uint32_t (&x)[A][B]) {
     for (int j = 0; j < B; ++j) reg_fence(x[i][j]);
 }
 
+// x, as a value the compiler must compute where it is used: what is derived
+// from it (descriptors) is then not hoisted out of a loop (to be spilled).
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 // cp.async writes through the generic proxy, wgmma reads through the async
 // proxy: order them after the data is known to have landed.
 __device__ __forceinline__ void fence_proxy_async() {
