@@ -16,7 +16,10 @@ A=$PWD B=/tmp/flags_b
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(($(date +%s) - T0)) s]"; }
 rm -rf build unigist/_C*.so $B && mkdir -p $B && cp -r csrc unigist setup.py pyproject.toml benchmarks tests $B/ 2>/dev/null
-# PATCH_B: a patch (-p1, e.g. `git diff -R -- csrc/` of a change: B = the tree before it) for B's copy.
+# PATCH_B: a patch (-p1) for B's copy: a candidate (B = the tree with it, CHECK=b), or the reverse
+# of exactly the change under test (B = the tree before it, CHECK=a). `git diff -R -- csrc/` is
+# that reverse only while the change is the tree's one uncommitted edit (NOTES v19 timed a B that
+# had lost an earlier edit too).
 if [ -n "${PATCH_B:-}" ]; then (cd $B && patch -p1 < $A/$PATCH_B > $OUT/patch_b.log 2>&1) || { echo "PATCH_B failed"; cat $OUT/patch_b.log; exit 1; }; fi
 build() {  # dir flags log
   (cd $1 && MAX_JOBS=8 NVCC_APPEND_FLAGS="-Xptxas -v $2" timeout 300 python3 setup.py build_ext --inplace > $3 2>&1)
