@@ -23,26 +23,25 @@ inline bool env_is(const char* name, const char* value) {
   return env != nullptr && std::strcmp(env, value) == 0;
 }
 
+// Whether switch `var`, a '+'-separated list of names, selects `name`: unset or
+// "1" selects `default_name` only, "0" nothing (and any other value the names
+// it holds).
+inline bool env_selects(const char* var, const char* name, const char* default_name) {
+  const char* env = std::getenv(var);
+  if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(name, default_name) == 0;
+  return std::strstr(env, name) != nullptr;
+}
 // Which passes of the wgmma dK/dV kernel loop persistently over their key
 // blocks (a CTA per SM taking them from a counter) rather than launching a CTA
-// per block: "dense" and "gist". UNIGIST_SM90_PERSISTENT unset or "1": the
-// dense pass (NOTES v16-v17); "0": neither; else the passes it names, e.g.
-// "dense+gist" (v16's default; A/B runs).
-inline bool sm90_persistent(const char* pass) {
-  const char* env = std::getenv("UNIGIST_SM90_PERSISTENT");
-  if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(pass, "dense") == 0;
-  return std::strstr(env, pass) != nullptr;
-}
+// per block: "dense" and "gist". UNIGIST_SM90_PERSISTENT: the dense pass by
+// default (NOTES v16-v17); "dense+gist" both (v16's default; A/B runs).
+inline bool sm90_persistent(const char* pass) { return env_selects("UNIGIST_SM90_PERSISTENT", pass, "dense"); }
 // Whether the wgmma `kernel` ("fwd", "dq") runs its consumer warpgroups in
-// turns (sm90::ConsumerTurns, FlashAttention-3's ping-pong). UNIGIST_SM90_PINGPONG
-// unset or "1": the forward only (H200: forward 2-3% faster at 4k-8k, 32k
-// unchanged; the dQ kernel 1-3% slower at D=64; NOTES v18); "0": neither; else
-// the kernels it names, e.g. "fwd+dq" (A/B runs).
-inline bool sm90_pingpong(const char* kernel) {
-  const char* env = std::getenv("UNIGIST_SM90_PINGPONG");
-  if (env == nullptr || std::strcmp(env, "1") == 0) return std::strcmp(kernel, "fwd") == 0;
-  return std::strstr(env, kernel) != nullptr;
-}
+// turns (sm90::ConsumerTurns, FlashAttention-3's ping-pong).
+// UNIGIST_SM90_PINGPONG: the forward only by default (H200: forward 2-3% faster
+// at 4k-8k, 32k unchanged; the dQ kernel 1-3% slower at D=64; NOTES v18);
+// "fwd+dq" both (A/B runs).
+inline bool sm90_pingpong(const char* kernel) { return env_selects("UNIGIST_SM90_PINGPONG", kernel, "fwd"); }
 // CTAs of a persistent grid: one per SM, or UNIGIST_SM90_PERSISTENT_GRID=n
 // (tests: a few CTAs take many items each even on small inputs).
 int sm90_persistent_ctas();

@@ -522,7 +522,7 @@ void launch_bwd_dkdv_sm90_t(AttnParams p, cudaStream_t stream) {
                                                                           order, maps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // The gist pass first: the dense pass adds its partials.
+  // The gist pass first: the dense pass starts from its partials.
   const int64_t gist_blocks = (p.n_gist_rows + C::BN - 1) / C::BN;
   if (gist_blocks > 0) launch(1, gist_blocks);
   launch(0, (p.Nk + C::BN - 1) / C::BN);
