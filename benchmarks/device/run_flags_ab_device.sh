@@ -12,6 +12,7 @@
 # default 480, the rounds stop). Logs under $OUT.
 set -u
 cd "$(dirname "$0")/../.."
+source benchmarks/device/common.sh
 A=$PWD B=/tmp/flags_b
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(($(date +%s) - T0)) s]"; }
@@ -37,11 +38,7 @@ if [ -n "${PYTEST_K:-}" ]; then
   (cd $C && PYTHONPATH=$C timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -m cuda ${PYTEST_FILES:-tests/test_cuda_attention.py} -q -x -p no:cacheprovider -k "$PYTEST_K" > $OUT/pytest.log 2>&1)
   echo "$(el) pytest (${CHECK:-b}): $(tail -1 $OUT/pytest.log)"; grep -E "^FAILED|^E " $OUT/pytest.log | head -5
 fi
-IFS='|' read -ra SMOKES <<< "${SMOKES:-}"
-for smoke in "${SMOKES[@]}"; do
-  (cd $C && PYTHONPATH=$C timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/$smoke > "$OUT/memcheck_${smoke%%.py*}.log" 2>&1)
-  echo "$(el) memcheck (${CHECK:-b}) $smoke: rc=$? $(grep -E "ERROR SUMMARY" "$OUT/memcheck_${smoke%%.py*}.log" | tail -1)"
-done
+[ -n "${SMOKES:-}" ] && echo "memcheck on build ${CHECK:-b}:" && (cd $C && export PYTHONPATH=$C && memcheck_smokes "$OUT")
 IFS=';' read -ra BENCHES <<< "$BENCH"
 for round in $(seq 1 ${ROUNDS:-3}); do
   for j in "${!BENCHES[@]}"; do
@@ -50,7 +47,7 @@ for round in $(seq 1 ${ROUNDS:-3}); do
       d=$([ $x = a ] && echo $A || echo $B)
       l=$OUT/b_${j}_${x}_$round
       (cd $d && PYTHONPATH=$d timeout 120 python3 benchmarks/bench_attention.py --no-flex ${BENCHES[$j]} --out $l.md > $l.log 2>&1)
-      echo "$(el) $x [${BENCHES[$j]}] r$round: $(grep -oE "N=\s*[0-9]+ r=[0-9]+|unigist fwd [0-9.]+|fwd\+bwd unigist [0-9.]+ sdpa [0-9.]+" $l.log | tr '\n' ' ')"
+      echo "$(el) $x [${BENCHES[$j]}] r$round: $(bench_summary $l.log)"
     done
   done
 done

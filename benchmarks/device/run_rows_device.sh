@@ -8,6 +8,7 @@
 # $OUT/all.tgz holds the logs and the updated table (the device returns few files).
 set -u
 cd "$(dirname "$0")/../.."
+source benchmarks/device/common.sh
 OUT=${OUT:-/tmp/unigist_rows}
 L=$OUT/logs
 mkdir -p "$L"
@@ -23,11 +24,7 @@ echo "$(el) built"
 timeout "${PYTEST_S:-220}" python3 -m pytest -m cuda tests -q -x -p no:cacheprovider > "$L/pytest.log" 2>&1
 echo "$(el) pytest -m cuda tests: rc=$? $(grep -E "passed|failed|error" "$L/pytest.log" | tail -1)"
 grep -E "^FAILED|^ERROR" "$L/pytest.log" | cut -c1-200 | head -5
-IFS='|' read -ra SMOKES <<< "${SMOKES:-}"  # e.g. SMOKES="smoke_fwd.py|smoke_cache.py": memcheck each
-for smoke in "${SMOKES[@]}"; do
-  timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/$smoke > "$L/memcheck_${smoke%%.py*}.log" 2>&1
-  echo "$(el) memcheck $smoke: rc=$? $(grep -E "ERROR SUMMARY" "$L/memcheck_${smoke%%.py*}.log" | tail -1)"
-done
+memcheck_smokes "$L"
 row() {
   [ $(($(date +%s) - T0)) -gt "${DEADLINE:-480}" ] && { echo "$(el) past DEADLINE: skipped $*"; return; }
   timeout 150 python3 benchmarks/bench_attention.py --no-flex --append "$@" >> "$L/bench.log" 2>&1

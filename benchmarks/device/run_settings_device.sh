@@ -12,6 +12,7 @@
 # (run_env_ab_device.sh does two settings with memcheck and table rows.) Logs: $OUT/all.tgz.
 set -u
 cd "$(dirname "$0")/../.."
+source benchmarks/device/common.sh
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 L=$OUT/logs; mkdir -p $L; T0=$(date +%s); el() { echo "[$(($(date +%s) - T0)) s]"; }
 rm -rf build unigist/_C*.so
@@ -22,11 +23,7 @@ if [ -n "${PYTEST_K:-}${PYTEST_FILES:-}" ]; then
   timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -m cuda ${PYTEST_FILES:-tests/test_cuda_attention.py} -q -x -p no:cacheprovider -k "${PYTEST_K:-}" > $L/pytest.log 2>&1
   echo "$(el) pytest: $(tail -1 $L/pytest.log)"; grep -E "^FAILED|^E " $L/pytest.log | head -5
 fi
-IFS='|' read -ra SMOKES <<< "${SMOKES:-}"  # e.g. SMOKES="smoke_fwd.py|smoke_cache.py": memcheck each
-for smoke in "${SMOKES[@]}"; do
-  timeout 120 compute-sanitizer --tool memcheck --print-limit 5 python3 tests/cuda/$smoke > "$L/memcheck_${smoke%%.py*}.log" 2>&1
-  echo "$(el) memcheck $smoke: rc=$? $(grep -E "ERROR SUMMARY" "$L/memcheck_${smoke%%.py*}.log" | tail -1)"
-done
+memcheck_smokes "$L"
 IFS='|' read -ra SETS <<< "$SETTINGS"
 IFS=';' read -ra BENCHES <<< "$BENCH"
 for round in 1 2; do
@@ -35,7 +32,7 @@ for round in 1 2; do
       [ $(($(date +%s) - T0)) -gt ${DEADLINE:-500} ] && break 3
       b=$L/b_${j}_${i}_$round
       env ${SETS[$i]} timeout 120 python3 benchmarks/bench_attention.py --no-flex ${BENCHES[$j]} --out $b.md > $b.log 2>&1
-      echo "$(el) [${SETS[$i]}] [${BENCHES[$j]}] r$round: $(grep -oE "N=\s*[0-9]+ r=[0-9]+|unigist fwd [0-9.]+|fwd\+bwd unigist [0-9.]+ sdpa [0-9.]+" $b.log | tr '\n' ' ')"
+      echo "$(el) [${SETS[$i]}] [${BENCHES[$j]}] r$round: $(bench_summary $b.log)"
     done
   done
 done
