@@ -9,7 +9,8 @@
 # "$PYTEST_K"` when PYTEST_K is set (and the SMOKES), then ROUNDS (default 3) rounds of bench_attention.py
 # --no-flex $BENCH (several argument sets separated by ';'), A then B, each its own process from
 # its own tree (past DEADLINE seconds,
-# default 480, the rounds stop). Logs under $OUT.
+# default 480, the rounds stop); BITWISE=1 first compares the two builds' outputs bit for bit.
+# Logs under $OUT.
 set -u
 cd "$(dirname "$0")/../.."
 source benchmarks/device/common.sh
@@ -39,6 +40,11 @@ if [ -n "${PYTEST_K:-}" ]; then
   echo "$(el) pytest (${CHECK:-b}): $(tail -1 $OUT/pytest.log)"; grep -E "^FAILED|^E " $OUT/pytest.log | head -5
 fi
 [ -n "${SMOKES:-}" ] && echo "memcheck on build ${CHECK:-b}:" && (cd $C && export PYTHONPATH=$C && memcheck_smokes "$OUT")
+# BITWISE=1: are A's and B's kernels bitwise the same on fixed inputs (diag_bitwise.py)?
+if [ -n "${BITWISE:-}" ]; then
+  for x in a b; do (cd $([ $x = a ] && echo $A || echo $B) && PYTHONPATH=$PWD python3 benchmarks/device/diag_bitwise.py save /tmp/bitwise_$x.pt > $OUT/bitwise_$x.log 2>&1); done
+  echo "$(el) $(python3 benchmarks/device/diag_bitwise.py compare /tmp/bitwise_a.pt /tmp/bitwise_b.pt 2>&1 | head -6)"
+fi
 IFS=';' read -ra BENCHES <<< "$BENCH"
 for round in $(seq 1 ${ROUNDS:-3}); do
   for j in "${!BENCHES[@]}"; do

@@ -345,13 +345,23 @@ __global__ void __launch_bounds__(384, 1)
       const int t0 = step_of(it) * BQ;
       const int q_lo = p.q_offset + t0;
       const float* cL = sL + st * BQ;
-      const bool full = all_in(t0);
+      // Most steps (all but a few at each block's ends, nearly all of the gist
+      // pass) hold only pairs of the pass: no element test there.
+      if (all_in(t0)) {
+#pragma unroll
+        for (int j = 0; j < NQ; ++j) {
+          const float2 lse = *reinterpret_cast<const float2*>(cL + j * 8 + 2 * (lane & 3));
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -((e & 1) ? lse.y : lse.x) * kLog2e));
+        }
+        return;
+      }
       int lo[2], hi[2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         layout::dkdv_key_cols<int>(kp_row[hr], last_q[hr], gist_pass != 0, q_lo, min(BQ, p.Nq - t0), l, lo[hr], hi[hr]);
         if (kp_row[hr] < 0) hi[hr] = -1;
-        if (full) lo[hr] = -BQ, hi[hr] = BQ;
       }
 #pragma unroll
       for (int j = 0; j < NQ; ++j) {

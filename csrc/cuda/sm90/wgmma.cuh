@@ -45,6 +45,15 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, 
   return d;
 }
 
+// The descriptor of the address `off` bytes past d's: the start field holds
+// address bits 4..17 in the low word, and every shared-memory address of a CTA
+// is below 2^18, so off / 16 is added to the low word alone (no carry into the
+// LBO field, no 64-bit add), where make_desc would redo the mask and shifts.
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
+  const uint32_t lo = static_cast<uint32_t>(d) + (off >> 4), hi = static_cast<uint32_t>(d >> 32);
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
 // ---- warpgroup MMA ----------------------------------------------------------
 // Accumulator fragment of m64nN (f32): warp w of the warpgroup holds rows
 // 16w..16w+15; d[j][0..1] = row lane/4, cols 8j + 2(lane%4) + {0,1};
@@ -58,12 +67,11 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, 
 // and wait are the caller's.
 template <int KS, int A_ROWS, int B_ROWS, int NT, typename T>
 __device__ __forceinline__ void wgmma_ss_kmajor(float (&d)[NT][4], uint32_t a_addr, uint32_t b_addr, T) {
+  const uint64_t da = make_desc(a_addr, 16, 1024), db = make_desc(b_addr, 16, 1024);
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const uint64_t da = make_desc(a_addr + (ks / 4) * A_ROWS * 128 + (ks % 4) * 32, 16, 1024);
-    const uint64_t db = make_desc(b_addr + (ks / 4) * B_ROWS * 128 + (ks % 4) * 32, 16, 1024);
-    wgmma_ss<0, 0>(d, da, db, ks > 0, T{});
-  }
+  for (int ks = 0; ks < KS; ++ks)
+    wgmma_ss<0, 0>(d, desc_add(da, (ks / 4) * A_ROWS * 128 + (ks % 4) * 32),
+                   desc_add(db, (ks / 4) * B_ROWS * 128 + (ks % 4) * 32), ks > 0, T{});
 }
 
 // KK k16 steps of an RS GEMM (d += A B, A from registers in the mma.sync A
@@ -71,17 +79,19 @@ __device__ __forceinline__ void wgmma_ss_kmajor(float (&d)[NT][4], uint32_t a_ad
 // dimension (V in P V; LBO = slab stride, 16 rows = 2048 bytes per step).
 template <int KK, int B_ROWS, int NT, typename T>
 __device__ __forceinline__ void wgmma_rs_mnmajor(float (&d)[NT][4], const uint32_t (&a)[KK][4], uint32_t b_addr, T) {
+  const uint64_t db = make_desc(b_addr, B_ROWS * 128, 1024);
 #pragma unroll
-  for (int kk = 0; kk < KK; ++kk) wgmma_rs<1>(d, a[kk], make_desc(b_addr + kk * 2048, B_ROWS * 128, 1024), 1, T{});
+  for (int kk = 0; kk < KK; ++kk) wgmma_rs<1>(d, a[kk], desc_add(db, kk * 2048), 1, T{});
 }
 
 // A from registers (per k16 step, the m16n8k16 A fragment of the warp's 16
 // rows), B K-major: D (+)= A B^T.
 template <int KS, int B_ROWS, int NT, typename T>
 __device__ __forceinline__ void wgmma_rs_kmajor(float (&d)[NT][4], const uint32_t (&a)[KS][4], uint32_t b_addr, T) {
+  const uint64_t db = make_desc(b_addr, 16, 1024);
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
-    wgmma_rs<0>(d, a[ks], make_desc(b_addr + (ks / 4) * B_ROWS * 128 + (ks % 4) * 32, 16, 1024), ks > 0, T{});
+    wgmma_rs<0>(d, a[ks], desc_add(db, (ks / 4) * B_ROWS * 128 + (ks % 4) * 32), ks > 0, T{});
 }
 
 // The A fragments of rows row0 .. row0 + 15 of a K-major sw128 tile of ROWS
