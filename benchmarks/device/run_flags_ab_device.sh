@@ -9,7 +9,7 @@
 # "$PYTEST_K"` when PYTEST_K is set (and the SMOKES), then ROUNDS (default 3) rounds of bench_attention.py
 # --no-flex $BENCH (several argument sets separated by ';'), A then B, each its own process from
 # its own tree (past DEADLINE seconds,
-# default 480, the rounds stop); BITWISE=1 first compares the two builds' outputs bit for bit.
+# default 480, the rounds stop); BITWISE=1 compares the two builds' outputs bit for bit before the rounds.
 # Logs under $OUT.
 set -u
 cd "$(dirname "$0")/../.."
