@@ -15,6 +15,7 @@ set -u
 cd "$(dirname "$0")/../.."
 source benchmarks/device/common.sh
 A=$PWD B=/tmp/flags_b
+tree() { [ "$1" = a ] && echo $A || echo $B; }  # the tree of build a or b
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[$(($(date +%s) - T0)) s]"; }
 rm -rf build unigist/_C*.so $B && mkdir -p $B && cp -r csrc unigist setup.py pyproject.toml benchmarks tests $B/ 2>/dev/null
@@ -28,13 +29,13 @@ build() {  # dir flags log
 }
 build $A "${FLAGS_A:-}" $OUT/build_a.log & build $B "${FLAGS_B:-}" $OUT/build_b.log & wait
 for x in a b; do
-  ls $([ $x = a ] && echo $A || echo $B)/unigist/_C*.so > /dev/null 2>&1 || { echo "build $x failed"; grep -m5 error $OUT/build_$x.log; exit 1; }
+  ls $(tree $x)/unigist/_C*.so > /dev/null 2>&1 || { echo "build $x failed"; grep -m5 error $OUT/build_$x.log; exit 1; }
   echo "$(el) built $x: C75xx $(grep -c 'C75[0-9][0-9]' $OUT/build_$x.log), spills: $(grep -oE '[0-9]+ bytes spill stores' $OUT/build_$x.log | sort | uniq -c | tr '\n' ' ')"
 done
 # The tests (and SMOKES, '|'-separated tests/cuda scripts under compute-sanitizer memcheck) run
 # on build CHECK (a or b, default b: the build with the change, when A is the tree before it
 # through FLAGS; with PATCH_B, B is the tree before and CHECK=a checks the change).
-C=$([ "${CHECK:-b}" = a ] && echo $A || echo $B)
+C=$(tree ${CHECK:-b})
 if [ -n "${PYTEST_K:-}" ]; then
   (cd $C && PYTHONPATH=$C timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -m cuda ${PYTEST_FILES:-tests/test_cuda_attention.py} -q -x -p no:cacheprovider -k "$PYTEST_K" > $OUT/pytest.log 2>&1)
   echo "$(el) pytest (${CHECK:-b}): $(tail -1 $OUT/pytest.log)"; grep -E "^FAILED|^E " $OUT/pytest.log | head -5
@@ -42,7 +43,7 @@ fi
 [ -n "${SMOKES:-}" ] && echo "memcheck on build ${CHECK:-b}:" && (cd $C && export PYTHONPATH=$C && memcheck_smokes "$OUT")
 # BITWISE=1: are A's and B's kernels bitwise the same on fixed inputs (diag_bitwise.py)?
 if [ -n "${BITWISE:-}" ]; then
-  for x in a b; do (cd $([ $x = a ] && echo $A || echo $B) && PYTHONPATH=$PWD python3 benchmarks/device/diag_bitwise.py save /tmp/bitwise_$x.pt > $OUT/bitwise_$x.log 2>&1); done
+  for x in a b; do (cd $(tree $x) && PYTHONPATH=$PWD python3 benchmarks/device/diag_bitwise.py save /tmp/bitwise_$x.pt > $OUT/bitwise_$x.log 2>&1); done
   echo "$(el) $(python3 benchmarks/device/diag_bitwise.py compare /tmp/bitwise_a.pt /tmp/bitwise_b.pt 2>&1 | head -6)"
 fi
 IFS=';' read -ra BENCHES <<< "$BENCH"
@@ -50,7 +51,7 @@ for round in $(seq 1 ${ROUNDS:-3}); do
   for j in "${!BENCHES[@]}"; do
     for x in a b; do
       [ $(($(date +%s) - T0)) -gt ${DEADLINE:-480} ] && break 3
-      d=$([ $x = a ] && echo $A || echo $B)
+      d=$(tree $x)
       l=$OUT/b_${j}_${x}_$round
       (cd $d && PYTHONPATH=$d timeout 120 python3 benchmarks/bench_attention.py --no-flex ${BENCHES[$j]} --out $l.md > $l.log 2>&1)
       echo "$(el) $x [${BENCHES[$j]}] r$round: $(bench_summary $l.log)"

@@ -347,14 +347,16 @@ __global__ void __launch_bounds__(384, 1)
       const float* cL = sL + st * BQ;
       // Most steps (all but a few at each block's ends, nearly all of the gist
       // pass) hold only pairs of the pass: no element test there.
+      // P of element s[j][e]: its query column's lse sits in cL at the column.
+      auto prob = [&](int j, int e) {
+        const float2 lse = *reinterpret_cast<const float2*>(cL + j * 8 + 2 * (lane & 3));
+        return exp2f(fmaf(s[j][e], p.scale_log2, -((e & 1) ? lse.y : lse.x) * kLog2e));
+      };
       if (all_in(t0)) {
 #pragma unroll
-        for (int j = 0; j < NQ; ++j) {
-          const float2 lse = *reinterpret_cast<const float2*>(cL + j * 8 + 2 * (lane & 3));
+        for (int j = 0; j < NQ; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -((e & 1) ? lse.y : lse.x) * kLog2e));
-        }
+          for (int e = 0; e < 4; ++e) s[j][e] = prob(j, e);
         return;
       }
       int lo[2], hi[2];
@@ -365,12 +367,10 @@ __global__ void __launch_bounds__(384, 1)
       }
 #pragma unroll
       for (int j = 0; j < NQ; ++j) {
-        const int col0 = j * 8 + 2 * (lane & 3);
-        const float2 lse = *reinterpret_cast<const float2*>(cL + col0);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = col0 + (e & 1);
-          const float pr = exp2f(fmaf(s[j][e], p.scale_log2, -((e & 1) ? lse.y : lse.x) * kLog2e));
+          const int col = j * 8 + 2 * (lane & 3) + (e & 1);
+          const float pr = prob(j, e);
           s[j][e] = col >= lo[e >> 1] && col <= hi[e >> 1] ? pr : 0.f;
         }
       }
